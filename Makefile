@@ -1,0 +1,49 @@
+# soci-py: `make demo` and `make test` are the two set-up commands; both build .venv through `make venv`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+
+.PHONY: all venv apt test test-fast test-pure lint fmt demo bench clean
+
+all: venv
+
+apt:
+	@bash scripts/ensure-apt.sh
+
+# The stamp is rebuilt when packaging metadata or extension sources change; otherwise `make venv` is a no-op.
+$(VENV)/.stamp: pyproject.toml setup.py $(EXT_SOURCES) scripts/ensure-apt.sh
+	@bash scripts/ensure-apt.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip setuptools wheel "Cython>=3.0"
+	$(PIP) install --no-build-isolation -e '.[test,bench]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# The whole suite with the compiled extensions, then again with the pure-Python twins.
+test: venv lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+	SOCI_PUREPYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(VENV)/bin/pytest -q -x
+
+demo: venv
+	@bash scripts/demo.sh
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info soci_fs/_ext/*.so ext/*.c

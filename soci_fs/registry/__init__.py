@@ -1,0 +1,1 @@
+"""OCI distribution client: references, the auth flow, range reads and pushes."""

@@ -1,0 +1,1 @@
+"""Entry points: ``soci`` (``soci.py``) and ``soci-snapshotter-grpc`` (``daemon.py``)."""
