@@ -1,14 +1,229 @@
-"""The ``soci-snapshotter-grpc`` entry point.
+"""The ``soci-snapshotter-grpc`` entry point: flags, logging set-up and the ``config`` subcommands.
 
-The daemon itself is the snapshotter-daemon work item; until it lands this entry point says so and exits
-non-zero rather than pretending to serve.
+Owns the daemon's command line (cli-and-config.md §3): ``--address``, ``--config``, ``--root`` and
+``--log-level`` with upstream's environment variables and defaults (also accepted after a subcommand name,
+as upstream's CLI library allows), ``--version``; ``config dump`` (the effective configuration of
+``--config`` as TOML) and ``config default`` (the defaults); the JSON-lines log format on stderr; and the
+log-level names (case-insensitive; ``warning`` = ``warn``; ``trace`` is below ``debug``).
+
+Every error is printed as ``soci-snapshotter-grpc: <error>`` with exit status 1 (usage errors too, as
+upstream). Logging is configured only when :func:`main` runs as the program (``argv`` is ``None``).
+
+Will not: serve yet. The daemon itself is the snapshotter-daemon work item; until it lands the serving path
+loads and checks the configuration, then says so and exits 1 rather than pretending to serve.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import logging
+import os
 import sys
+from importlib import metadata
+from typing import Any
+
+from soci_fs.errors import SociError
+from soci_grpc import config as configmod
+
+PROG = "soci-snapshotter-grpc"
+DEFAULT_ADDRESS = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"
+ENV_ADDRESS = "SOCI_SNAPSHOTTER_ADDRESS"
+ENV_CONFIG = "SOCI_SNAPSHOTTER_CONFIG"
+ENV_LOG_LEVEL = "SOCI_SNAPSHOTTER_LOG_LEVEL"
+ENV_ROOT = "SOCI_SNAPSHOTTER_ROOT"
+EXIT_FAILURE = 1
+
+TRACE = 5
+FATAL = logging.CRITICAL
+PANIC = logging.CRITICAL + 5
+LOG_LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": FATAL,
+    "panic": PANIC,
+}
+_LEVEL_NAMES = {
+    TRACE: "trace",
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    FATAL: "fatal",
+    PANIC: "panic",
+}
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+log = logging.getLogger(__name__)
+
+
+def parse_log_level(text: str) -> int:
+    """A log-level name (any case; ``warning`` = ``warn``) as a ``logging`` level.
+
+    Raises:
+        ValueError: ``failed to prepare logger: ...`` naming the value and the accepted names.
+    """
+    level = LOG_LEVELS.get(text.strip().lower())
+    if level is None:
+        raise ValueError(
+            f'failed to prepare logger: not a valid log level: "{text}" '
+            "(trace, debug, info, warn, error, fatal, panic)"
+        )
+    return level
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, keys sorted: ``level``, ``msg``, ``time`` plus ``extra`` fields.
+
+    ``time`` is RFC 3339 with nine fraction digits and the local offset (``Z`` for UTC). An exception is
+    reported in an ``error`` field (its message only, no traceback).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created).astimezone()
+        offset = when.strftime("%z")
+        zone = "Z" if offset in ("+0000", "") else f"{offset[:3]}:{offset[3:]}"
+        nanos = round(record.created * 1e9) % 1_000_000_000
+        doc: dict[str, Any] = {
+            "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
+            "msg": record.getMessage(),
+            "time": when.strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}{zone}",
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                doc[key] = (
+                    value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+                )
+        if record.exc_info and record.exc_info[1] is not None and "error" not in doc:
+            doc["error"] = str(record.exc_info[1])
+        return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def setup_logging(level: int) -> None:
+    """Daemon logging: JSON lines on stderr at ``level`` and above."""
+    logging.addLevelName(TRACE, "TRACE")
+    logging.addLevelName(PANIC, "PANIC")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _version() -> str:
+    try:
+        v = metadata.version("soci-py")
+    except metadata.PackageNotFoundError:
+        v = "unknown"
+    return f"{PROG} version {v}"
+
+
+def _add_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    def d(env: str, value: str) -> str:
+        return argparse.SUPPRESS if suppress else os.environ.get(env, value)
+
+    p.add_argument(
+        "--address",
+        default=d(ENV_ADDRESS, DEFAULT_ADDRESS),
+        help=f"address for the snapshotter's gRPC server: a path, unix://<path> or fd:// (env {ENV_ADDRESS}; "
+        f"default {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--config",
+        default=d(ENV_CONFIG, configmod.DEFAULT_CONFIG_PATH),
+        help=f"path to the configuration file (env {ENV_CONFIG}; default {configmod.DEFAULT_CONFIG_PATH})",
+    )
+    p.add_argument(
+        "--log-level",
+        default=d(ENV_LOG_LEVEL, "info"),
+        help=f"log level: trace, debug, info, warn, error, fatal, panic (env {ENV_LOG_LEVEL}; default info)",
+    )
+    p.add_argument(
+        "--root",
+        default=d(ENV_ROOT, configmod.DEFAULT_ROOT),
+        help=f"root directory for this snapshotter (env {ENV_ROOT}; default {configmod.DEFAULT_ROOT})",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1, as every other error does."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FAILURE, f"{PROG}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="The SOCI snapshotter: a containerd remote snapshotter.")
+    parser.add_argument("--version", "-v", action="version", version=_version())
+    _add_flags(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_flags(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    cfg = sub.add_parser("config", parents=[common], help="Manage configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="COMMAND", parser_class=_Parser)
+    dump = cfg_sub.add_parser(
+        "dump", parents=[common], help="Dump configuration (the effective configuration of --config)"
+    )
+    dump.set_defaults(func=_cmd_config_dump)
+    default = cfg_sub.add_parser("default", parents=[common], help="Print default configuration")
+    default.set_defaults(func=_cmd_config_default)
+    cfg.set_defaults(func=lambda args: _usage(cfg))
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_FAILURE
+
+
+def _cmd_config_dump(args: argparse.Namespace) -> int:
+    sys.stdout.write(configmod.dump(configmod.load(args.config)))
+    return 0
+
+
+def _cmd_config_default(args: argparse.Namespace) -> int:
+    sys.stdout.write(configmod.default_toml())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    log.info("starting %s", PROG, extra={"version": _version().rsplit(" ", 1)[-1], "revision": ""})
+    cfg = configmod.load(args.config)
+    log.debug("configuration loaded from %s", cfg.source or "defaults")
+    print(f"{PROG}: the daemon is not part of this build yet", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("soci-snapshotter-grpc: the daemon is not part of this build yet", file=sys.stderr)
-    return 1
+    """Run ``soci-snapshotter-grpc`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    as_program = argv is None
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else EXIT_FAILURE)
+    try:
+        level = parse_log_level(args.log_level)
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if as_program:
+        setup_logging(level)
+    func = getattr(args, "func", _serve)
+    try:
+        return func(args)
+    except SociError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
