@@ -16,6 +16,7 @@ extensions = [
         "soci_fs._ext._zinfo",
         sources=["ext/_zinfo.pyx"],
         libraries=["z"],
+        define_macros=[("ZLIB_CONST", None)],
         extra_compile_args=COMPILE_ARGS,
     ),
 ]
