@@ -43,6 +43,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
+from tests.harness.procs import die_with_parent
 from tests.harness.token_server import TokenServer
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -159,6 +160,7 @@ class Registry:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
             log.close()
             if self._wait_ready(timeout):
