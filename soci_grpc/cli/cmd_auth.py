@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from soci_fs.errors import SociError, Unauthenticated, Unavailable
 from soci_fs.registry import reference
@@ -123,6 +124,7 @@ def _check(chain: CredentialChain, ref: str, *, plain_http: bool) -> int:
 
     parsed = reference.parse(ref)
     rc = 0
+    started = time.time()
     try:
         with RegistryClient(chain, ref=ref, plain_http=plain_http) as client:
             desc = client.head_manifest(parsed)
@@ -137,6 +139,11 @@ def _check(chain: CredentialChain, ref: str, *, plain_http: bool) -> int:
     except SociError as exc:
         line, rc = f"failed: {exc}", 1
     answer = chain.last_answer(registry_host(parsed.host))
-    used = answer.source if answer is not None and answer.source else "no credentials (anonymous)"
+    if answer is None or answer.at < started:
+        used = "none: the registry did not ask for credentials before the check ended"
+    elif answer.source:
+        used = answer.source
+    else:
+        used = "no credentials (anonymous)"
     sys.stdout.write(f"check: {line}\ncheck: credentials used: {used}\n")
     return rc
