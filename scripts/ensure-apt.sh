@@ -11,6 +11,7 @@ PKGS=(
   containerd runc
   umoci skopeo
   pigz libisal-dev
+  squashfuse squashfs-tools busybox-static attr
 )
 
 missing=()
