@@ -33,8 +33,8 @@ fmt: venv
 
 # The whole suite with the compiled extensions, then again with the pure-Python twins.
 test: venv lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
-	SOCI_PUREPYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider
+	SOCI_REQUIRE_ALL=1 $(VENV)/bin/pytest -q -p no:cacheprovider
+	SOCI_REQUIRE_ALL=1 SOCI_PUREPYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider
 
 test-fast: venv
 	$(VENV)/bin/pytest -q -x

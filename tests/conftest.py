@@ -1,12 +1,16 @@
 """Suite-wide rules.
 
 * A test that logs WARNING or worse fails unless it is marked ``@pytest.mark.expect_log``.
-* ``SOCI_PUREPYTHON=1`` runs the whole suite against the pure-Python twins; ``impl_name`` says which ran.
+* ``SOCI_PUREPYTHON=1`` runs the whole suite against the pure-Python twins.
+* ``SOCI_REQUIRE_ALL=1`` (set by ``make test``, so in CI) turns every skip into a failure: tests that need
+  root, ``/dev/fuse``, overlayfs or a service must run there, not skip.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,3 +31,13 @@ def _fail_on_unexpected_warnings(request: pytest.FixtureRequest, caplog: pytest.
     if bad:
         lines = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in bad)
         pytest.fail(f"unexpected log records at WARNING or above:\n{lines}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("SOCI_REQUIRE_ALL", "") not in ("", "0"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped, but SOCI_REQUIRE_ALL=1 forbids skips: {reason}"
