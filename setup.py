@@ -19,6 +19,7 @@ extensions = [
         define_macros=[("ZLIB_CONST", None)],
         extra_compile_args=COMPILE_ARGS,
     ),
+    Extension("soci_fs._ext._blockcopy", sources=["ext/_blockcopy.pyx"], extra_compile_args=COMPILE_ARGS),
 ]
 
 setup(
