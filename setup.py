@@ -19,7 +19,9 @@ extensions = [
         define_macros=[("ZLIB_CONST", None)],
         extra_compile_args=COMPILE_ARGS,
     ),
+    Extension("soci_fs._ext._tarscan", sources=["ext/_tarscan.pyx"], extra_compile_args=COMPILE_ARGS),
     Extension("soci_fs._ext._blockcopy", sources=["ext/_blockcopy.pyx"], extra_compile_args=COMPILE_ARGS),
+    Extension("soci_fs._ext._ztocwrite", sources=["ext/_ztocwrite.pyx"], extra_compile_args=COMPILE_ARGS),
 ]
 
 setup(

@@ -5,7 +5,11 @@ Owns:
 * :class:`FileMetadata`, :class:`CompressionInfo`, :class:`Ztoc` (frozen dataclasses, docs/design.md).
 * :func:`serialize` -- the zTOC flatbuffer, byte-identical to upstream's Go builder (formats spec 5.1:
   entries last to first, PAX records sorted by key bytes, gzip omitted as the default algorithm, empty
-  strings written, defaults not forced).
+  strings written, defaults not forced). It uses the compiled writer ``soci_fs._ext._ztocwrite``
+  (``ext/_ztocwrite.pyx``) when it is loaded; its twin is :func:`serialize_python` on
+  :class:`soci_fs.flatbuf.Builder` (``SOCI_PUREPYTHON=1`` forces it). The compiled writer hands anything
+  unusual (wrong types, values out of range, unsorted PAX keys) back to the Python writer, so both give the
+  same bytes and the same exceptions.
 * :func:`parse` -- reads any legal layout (absent fields read as defaults, any field order, shared
   vtables), checks every offset and count, and validates the content: entry offsets and derived header
   offsets (spec 5.2, "invalid toc entry"), span digest count against ``max_span_id``, sizes. Every fault is
@@ -21,10 +25,10 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from soci_fs import flatbuf
+from soci_fs import _select, flatbuf
 from soci_fs.errors import FormatError, InvalidArgument
 
 __all__ = [
@@ -39,6 +43,7 @@ __all__ = [
     "parse",
     "parse_mod_time",
     "serialize",
+    "serialize_python",
 ]
 
 VERSION = "0.9"
@@ -236,6 +241,15 @@ def serialize(z: Ztoc) -> bytes:
     Raises:
         InvalidArgument: a value does not fit its field (e.g. a negative uid) or text cannot be encoded.
     """
+    if _compiled_serialize is not None:
+        data = _compiled_serialize(z)
+        if data is not None:
+            return data
+    return serialize_python(z)
+
+
+def serialize_python(z: Ztoc) -> bytes:
+    """:func:`serialize` by the pure-Python writer (the twin of the compiled one); same bytes, same errors."""
     try:
         return _serialize(z)
     except (struct.error, UnicodeEncodeError, TypeError) as exc:
@@ -315,6 +329,17 @@ def _serialize(z: Ztoc) -> bytes:
         (version, build_tool, z.compressed_archive_size, z.uncompressed_archive_size, toc, compression),
     )
     return b.finish(root)
+
+
+def _load_writer() -> Callable[[Ztoc], bytes | None] | None:
+    """``serialize_or_none`` of the compiled writer, or ``None`` when the twin (flatbuf) is selected."""
+    module = _select.load("soci_fs._ext._ztocwrite", "soci_fs.flatbuf")
+    return getattr(module, "serialize_or_none", None)
+
+
+_compiled_serialize = _load_writer()
+#: which writer :func:`serialize` uses: ``"compiled"`` or ``"pure"``
+WRITER_IMPLEMENTATION = "pure" if _compiled_serialize is None else "compiled"
 
 
 def _find_bad_field(z: Ztoc) -> str | None:

@@ -1,5 +1,9 @@
 """The tar scanner against real archives made at test time (GNU tar and Python's tarfile), cross-checked
-with tarfile, fed in many chunkings; and the refusals (truncation, bad checksum, garbage, unsupported)."""
+with tarfile, fed in many chunkings; and the refusals (truncation, bad checksum, garbage, unsupported).
+
+Every test runs against both implementations: the compiled ``soci_fs._ext._tarscan`` (when built) and the
+pure-Python twin ``soci_fs.tarscan_py``, whatever ``SOCI_PUREPYTHON`` says (the selector is tested on its
+own in ``test_tarscan_diff.py``)."""
 
 from __future__ import annotations
 
@@ -11,12 +15,29 @@ import stat
 import subprocess
 import tarfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from soci_fs import tarscan_py
 from soci_fs.errors import FormatError
 from soci_fs.tarscan import TarScanner, TarScanResult
 from soci_fs.ztoc import format_mod_time
+
+try:
+    from soci_fs._ext import _tarscan as compiled_tarscan
+except ImportError:  # not built: only the twin runs
+    compiled_tarscan = None
+
+IMPLEMENTATIONS = [tarscan_py] + ([compiled_tarscan] if compiled_tarscan is not None else [])
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Runs the test once per implementation: ``TarScanner`` below names the one under test."""
+    monkeypatch.setitem(globals(), "TarScanner", request.param.TarScanner)
+    return request.param
+
 
 GNU_TAR = shutil.which("tar")
 _KIND = {
