@@ -317,6 +317,13 @@ class ThreadedSession:
             raise FailedPrecondition("the FUSE session is not running")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
+    def call(self, afn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``await afn(*args)`` on the session's trio loop and return its result (thread-safe).
+
+        For objects that must live on that loop, e.g. opening a ``RemoteLayer`` before adding it.
+        """
+        return self._call(afn, *args)
+
     def add_layer(self, name: str | bytes, layer: Ztoc | InodeTree, data: LayerData) -> Path:
         """Thread-safe :meth:`Session.add_layer`."""
         return self._call(self._session.add_layer, name, layer, data)  # type: ignore[union-attr]

@@ -6,7 +6,8 @@ Owns:
   §9) with its default, as field metadata on frozen dataclasses in upstream's struct order, plus a few keys
   of our own (marked "soci-py" in the docstrings): ``docker_config``, ``credential_helper_timeout_sec``,
   ``[cri_keychain] persist`` / ``credential_ttl_sec`` and ``[kubeconfig_keychain] namespaces`` /
-  ``label_selector`` / ``first_sync_wait_sec``;
+  ``label_selector`` / ``first_sync_wait_sec``, and the block cache's ``[directory_cache]
+  max_memory_bytes`` / ``max_disk_bytes`` / ``verify_every_read``;
 * the two default rules. Keys marked ``fill`` are "filled after decoding": an explicit 0 or ``""`` means
   "use the default". All other keys are "pre-seeded": the default applies only when the key is absent, and
   an explicit 0/false/-1 is kept. (Keys whose 0 means "N where used", such as ``resolve_result_entry``,
@@ -228,12 +229,27 @@ class BlobSection:
 
 @dataclass(frozen=True)
 class DirectoryCacheSection:
-    """``[directory_cache]``: 0 sizes mean 10 where used; ``direct`` is pre-seeded (explicit false kept)."""
+    """``[directory_cache]``: 0 sizes mean 10 where used; ``direct`` is pre-seeded (explicit false kept).
+
+    Upstream's keys (``max_lru_cache_entry``, ``max_cache_fds``, ``sync_add``, ``direct``) are accepted and
+    kept; soci-py's block cache (``soci_fs.cache``, read through ``CacheConfig.from_section``) uses its own
+    keys instead (soci-py, all pre-seeded):
+
+    * ``max_memory_bytes`` (134217728 = 128 MiB): bound of the in-memory tier of decompressed spans; 0 turns
+      the memory tier off (every read goes to the disk tier);
+    * ``max_disk_bytes`` (0 = unlimited, as upstream has no size eviction): bound of the on-disk tier
+      ``<root>/cache``, files and headers included; least recently used spans are evicted beyond it;
+    * ``verify_every_read`` (false): re-check the crc32 of every disk block on every read, not only the
+      first time this process reads it.
+    """
 
     max_lru_cache_entry: int = _opt(0, lo=0)
     max_cache_fds: int = _opt(0, lo=0)
     sync_add: bool = _opt(False)
     direct: bool = _opt(True)
+    max_memory_bytes: int = _opt(128 << 20, lo=0)
+    max_disk_bytes: int = _opt(0, lo=0)
+    verify_every_read: bool = _opt(False)
 
 
 @dataclass(frozen=True)

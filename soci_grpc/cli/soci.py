@@ -28,6 +28,7 @@ from soci_grpc.cli import (
     cmd_convert,
     cmd_create,
     cmd_index,
+    cmd_mount,
     cmd_push,
     cmd_rebuild_db,
     cmd_ztoc,
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_rebuild_db.register(sub, parents)
     cmd_push.register(sub)
     cmd_auth.register(sub)
+    cmd_mount.register(sub, parents)
     return parser
 
 

@@ -79,6 +79,9 @@ DEFAULTS = {
     "directory_cache.max_cache_fds": 0,
     "directory_cache.sync_add": False,
     "directory_cache.direct": True,
+    "directory_cache.max_memory_bytes": 128 << 20,
+    "directory_cache.max_disk_bytes": 0,
+    "directory_cache.verify_every_read": False,
     "fuse.attr_timeout": 1,
     "fuse.entry_timeout": 1,
     "fuse.negative_timeout": 1,
@@ -191,6 +194,9 @@ credential_helper_timeout_sec = 5.0
   max_cache_fds = 0
   sync_add = false
   direct = true
+  max_memory_bytes = 134217728
+  max_disk_bytes = 0
+  verify_every_read = false
 
 [fuse]
   attr_timeout = 1
@@ -636,6 +642,9 @@ max_lru_cache_entry = 1
 max_cache_fds = 2
 sync_add = true
 direct = false
+max_memory_bytes = 12
+max_disk_bytes = 13
+verify_every_read = true
 [fuse]
 attr_timeout = 3
 entry_timeout = 4

@@ -289,9 +289,11 @@ class Fault:
     """One injected fault.
 
     ``kind``: ``status`` (answer ``status`` with ``headers``/``body``, not forwarded), ``reset`` (forward,
-    send headers and half the body, then reset the connection), ``ignore_range`` (drop ``Range`` before
-    forwarding), ``wrong_content_range`` (shift the ``Content-Range`` start by one), ``expired_403`` (an
-    ECR-style 403 "token expired" without ``WWW-Authenticate``, only to requests carrying Authorization),
+    send headers and half the body, then reset the connection), ``short`` (forward, send the full
+    ``Content-Length`` but only a third of the body, then close the connection in order), ``ignore_range``
+    (drop ``Range`` before forwarding), ``wrong_content_range`` (shift the ``Content-Range`` start by one),
+    ``expired_403`` (an ECR-style 403 "token expired" without ``WWW-Authenticate``, only to requests
+    carrying Authorization),
     ``redirect`` (blob GETs answered by a 307 to the proxy's storage endpoint, once the registry accepted
     the request). ``path`` is a regex searched in the request path; ``times`` < 0 means forever.
     """
@@ -473,6 +475,17 @@ def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 if m:
                     b, e, t = (int(x) for x in m.groups())
                     rh["Content-Range"] = f"bytes {b + 1}-{e + 1}/{t}"
+            if fault is not None and fault.kind == "short":
+                self.send_response(status)
+                for k, v in rh.items():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 3])
+                self.wfile.flush()
+                self.close_connection = True  # an orderly close (FIN) after a third of the body
+                return
             if fault is not None and fault.kind == "reset":
                 self.send_response(status)
                 for k, v in rh.items():
