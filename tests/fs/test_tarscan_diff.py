@@ -255,14 +255,20 @@ def test_agree_on_random_bytes(data, sizes):
     assert run(compiled, pieces) == run(tarscan_py, pieces)
 
 
-def test_agree_on_real_archives():
-    tar = ROOT / "bench" / "out" / "layer-pax.tar"
-    if not tar.exists():
-        pytest.skip("bench/out/layer-pax.tar not built (bench/bench_ztoc_build.py makes it)")
-    with open(tar, "rb") as f:
-        head = f.read(40 << 20)
-    pieces = _pieces(head, [1 << 20, 4095])
-    assert run(compiled, pieces) == run(tarscan_py, pieces)
+@pytest.mark.parametrize("fmt", ["pax", "gnu"])
+def test_agree_on_real_archives(fmt: str, tmp_path: Path) -> None:
+    """A real tar of parts of /usr, made here with GNU tar (PAX: atime/ctime/mtime records per entry)."""
+    tar = tmp_path / f"usr-{fmt}.tar"
+    parts = [
+        p
+        for p in ("usr/share/perl5", "usr/lib/python3/dist-packages", "usr/share/zoneinfo", "usr/share/doc")
+        if (Path("/") / p).exists()
+    ]
+    subprocess.run(["tar", "-C", "/", f"--format={fmt}", "-cf", str(tar), *parts], check=True)
+    pieces = _pieces(tar.read_bytes(), [1 << 20, 4095])
+    result = run(compiled, pieces)
+    assert result == run(tarscan_py, pieces)
+    assert result[0] == "ok" and len(result[1]) > 1000
 
 
 def test_results_are_the_same_type_and_equal():
