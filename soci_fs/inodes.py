@@ -4,7 +4,8 @@ Owns:
 
 * :class:`Node` -- one inode: attributes as FUSE will show them (``mode`` with type bits, ``uid``, ``gid``,
   ``size``, ``mtime_ns``, ``nlink``, ``rdev``), the symlink target, the PAX ``SCHILY.xattr.*`` xattrs and the
-  file locator (``offset`` of the data in the uncompressed tar).
+  file locator (``offset`` of the data in the uncompressed tar) and ``entry``, the index of the zTOC entry
+  that describes it in :attr:`InodeTree.entries` (the read path verifies that entry's tar header).
 * :class:`InodeTree` -- the tree of one layer (spec filesystem.md §2 and §4): names cleaned like Go's
   ``path.Clean`` (``./a/b/`` -> ``a/b``; ``./`` is the root); parent directories that were never listed are
   implied (``dir|0755``, uid/gid 0, zero mtime); later entries override earlier ones as tar extraction
@@ -89,6 +90,7 @@ class Node:
 
     __slots__ = (
         "children",
+        "entry",
         "gid",
         "id",
         "listing",
@@ -119,6 +121,7 @@ class Node:
         self.target = b""  # symlink target
         self.xattrs: dict[bytes, bytes] | None = None
         self.offset = 0  # data offset in the uncompressed tar (regular files)
+        self.entry = -1  # index of the zTOC entry that last described the node (-1: implied / whiteout)
         self.parent = parent  # id of the directory the node was first attached to (for messages)
         self.name = name
         self.children: dict[bytes, Node] | None = None  # real children, never a .wh.* name
@@ -162,6 +165,7 @@ class InodeTree:
         self._nodes: list[Node | None] = [None, self.root]
         self._by_path: dict[str, Node] = {"": self.root}
         self._mtimes: dict[str, int] = {}
+        self.entries: tuple[FileMetadata, ...] = ()  # the entries the tree was built from (Node.entry)
 
     # ------------------------------------------------------------------------------------- building
 
@@ -176,9 +180,10 @@ class InodeTree:
     ) -> InodeTree:
         """The tree of a layer from its entries in tar order."""
         tree = cls(opaque_keys)
-        for i, e in enumerate(entries):
+        tree.entries = entries if isinstance(entries, tuple) else tuple(entries)
+        for i, e in enumerate(tree.entries):
             try:
-                tree._add(e)
+                tree._add(e, i)
             except FormatError as exc:
                 raise FormatError(f"toc entry {i} ({e.name!r}): {exc}") from exc
         tree._finish()
@@ -199,7 +204,8 @@ class InodeTree:
             self._mtimes[text] = ns
         return ns
 
-    def _set_attrs(self, node: Node, e: FileMetadata, type_bits: int) -> None:
+    def _set_attrs(self, node: Node, e: FileMetadata, type_bits: int, index: int) -> None:
+        node.entry = index
         node.mode = type_bits | (e.mode & _PERM_MASK)
         node.uid = e.uid
         node.gid = e.gid
@@ -251,12 +257,12 @@ class InodeTree:
         children[name] = node
         self._by_path[path] = node
 
-    def _add(self, e: FileMetadata) -> None:
+    def _add(self, e: FileMetadata, index: int) -> None:
         path = _clean(e.name)
         kind = e.type
         if path == "":
             if kind == "dir":
-                self._set_attrs(self.root, e, stat.S_IFDIR)
+                self._set_attrs(self.root, e, stat.S_IFDIR, index)
             return
         parent_path, _, base = path.rpartition("/")
         parent = self._dir(parent_path)
@@ -282,10 +288,10 @@ class InodeTree:
                 node.children = {}
                 node.whiteouts = {}
                 self._attach(parent, path, name, node)
-            self._set_attrs(node, e, stat.S_IFDIR)
+            self._set_attrs(node, e, stat.S_IFDIR, index)
             return
         node = self._new(type_bits, parent, name)
-        self._set_attrs(node, e, type_bits)
+        self._set_attrs(node, e, type_bits, index)
         self._attach(parent, path, name, node)
 
     def _add_marker(self, parent: Node, name: bytes, e: FileMetadata) -> None:

@@ -7,12 +7,13 @@ kernel invalidation, never a mount. A second concurrent :func:`serve_layers` rai
 
 Owns:
 
-* :class:`MountOptions` and the mount options we pass: ``fsname=soci``, ``subtype=soci`` (mount source
-  ``soci``, type ``fuse.soci``); ``ro`` (the kernel answers EROFS to writes before they reach us; overlay
-  only needs read-only lowers); ``default_permissions`` (the kernel checks mode bits against the cached
-  attributes, so no ``access`` round trips and, with ``allow_other``, no user can read a 0600 file of
-  another; root bypasses as usual); ``allow_other`` (on by default: containers and the CRI run as other
-  users; root needs no fuse.conf change).
+* :class:`MountOptions` (also: the kernel cache timeouts, 3600 s by default since layers are immutable, and
+  ``verify``, the session's default for tar header verification) and the mount options we pass:
+  ``fsname=soci``, ``subtype=soci`` (mount source ``soci``, type ``fuse.soci``); ``ro`` (the kernel answers
+  EROFS to writes before they reach us; overlay only needs read-only lowers); ``default_permissions`` (the
+  kernel checks mode bits against the cached attributes, so no ``access`` round trips and, with
+  ``allow_other``, no user can read a 0600 file of another; root bypasses as usual); ``allow_other`` (on by
+  default: containers and the CRI run as other users; root needs no fuse.conf change).
 * ``min_tasks`` 4 / ``max_tasks`` 64: pyfuse3 keeps ``min_tasks`` idle readers (with 1 it starts and ends
   a task for almost every request under load) and at most 64 concurrent request tasks (the kernel keeps
   up to ``max_background`` = 12 asynchronous readahead requests in flight per connection, plus
@@ -32,6 +33,7 @@ Will not: choose layer names, resolve or fetch layers, or mount overlayfs (the s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -73,6 +75,7 @@ class MountOptions:
     read_ahead_kb: int | None = 1024
     opaque_keys: tuple[bytes, ...] = (OPAQUE_TRUSTED,)
     debug: bool = False
+    verify: bool = True  # check a file's tar header before its first read (config disable_verification)
 
     def fuse_options(self) -> set[str]:
         opts = {f"fsname={self.fsname}", f"subtype={self.fsname}", "ro"}
@@ -98,10 +101,28 @@ class Session:
         self.options = options
         self._closing = False
 
-    async def add_layer(self, name: str | bytes, layer: Ztoc | InodeTree, data: LayerData) -> Path:
+    async def add_layer(
+        self,
+        name: str | bytes,
+        layer: Ztoc | InodeTree,
+        data: LayerData,
+        *,
+        digest: str = "",
+        size: int | None = None,
+        verify: bool | None = None,
+        disable_xattrs: bool = False,
+    ) -> Path:
         """Serve ``layer`` (its zTOC, or a tree built already) at ``<mountpoint>/<name>``.
 
         The tree is built in a worker thread. Returns the layer directory.
+
+        Args:
+            digest: the layer blob digest: names ``.soci-snapshotter/<digest>.json`` (default: ``data.digest``
+                when it has one, else ``name``).
+            size: the blob length the state file reports (default: what ``data`` knows).
+            verify: check tar headers on first reads (default: ``MountOptions.verify``).
+            disable_xattrs: the zTOC descriptor's ``com.amazon.soci.disable-xattrs``: the layer shows no
+                xattrs (see ``soci_fs.operations`` for why this is not ENOSYS).
 
         Raises:
             InvalidArgument: ``name`` is not one path component.
@@ -115,7 +136,15 @@ class Session:
             tree = await trio.to_thread.run_sync(
                 lambda: InodeTree.from_ztoc(layer, opaque_keys=self.options.opaque_keys)
             )
-        self.ops.add_layer(bname, tree, data)
+        self.ops.add_layer(
+            bname,
+            tree,
+            data,
+            digest=digest,
+            size=size,
+            verify=self.options.verify if verify is None else verify,
+            xattrs=not disable_xattrs,
+        )
         log.info("serving layer %r (%d inodes) at %s", bname, tree.max_id, self.mountpoint)
         await self._invalidate(bname)
         return self.mountpoint / os.fsdecode(bname)
@@ -324,9 +353,9 @@ class ThreadedSession:
         """
         return self._call(afn, *args)
 
-    def add_layer(self, name: str | bytes, layer: Ztoc | InodeTree, data: LayerData) -> Path:
-        """Thread-safe :meth:`Session.add_layer`."""
-        return self._call(self._session.add_layer, name, layer, data)  # type: ignore[union-attr]
+    def add_layer(self, name: str | bytes, layer: Ztoc | InodeTree, data: LayerData, **kw: Any) -> Path:
+        """Thread-safe :meth:`Session.add_layer` (same keyword arguments)."""
+        return self._call(functools.partial(self._session.add_layer, **kw), name, layer, data)  # type: ignore[union-attr]
 
     def remove_layer(self, name: str | bytes) -> None:
         """Thread-safe :meth:`Session.remove_layer`."""

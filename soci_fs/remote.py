@@ -22,6 +22,8 @@ Owns the path from an image reference to one :class:`~soci_fs.spans.RemoteLayer`
   span ids never mix with those of a zTOC from a registry). Overlay stacking therefore works the same for
   lazy and local layers (whiteouts and opaque directories come from the same inode tree). Compressions other
   than gzip and uncompressed tar are refused (``FailedPrecondition``).
+* what the FUSE side needs to know per layer besides its data (:meth:`OpenedLayer.serve_options`): the
+  digest and size for the state file, and the zTOC descriptor's ``com.amazon.soci.disable-xattrs``.
 
 Errors: ``NotFound`` (image, platform, index, blob), ``Unauthenticated``, ``Unavailable`` (registry
 unreachable), ``FormatError`` (digest mismatch, bad index or zTOC), ``FailedPrecondition`` (a layer that
@@ -336,6 +338,21 @@ class OpenedLayer:
     @property
     def digest(self) -> str:
         return self.plan.descriptor.digest
+
+    @property
+    def size(self) -> int:
+        """The layer blob's length (its descriptor's size)."""
+        return self.plan.descriptor.size
+
+    @property
+    def disable_xattrs(self) -> bool:
+        """The zTOC descriptor's ``com.amazon.soci.disable-xattrs`` (false for a layer indexed here)."""
+        return self.lazy and self.plan.disable_xattrs
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``soci_fs.mount.Session.add_layer`` that describe this layer: its
+        digest and size (the state file) and ``disable_xattrs`` from the zTOC descriptor."""
+        return {"digest": self.digest, "size": self.size, "disable_xattrs": self.disable_xattrs}
 
     def close(self) -> None:
         self.data.close()

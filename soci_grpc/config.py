@@ -6,8 +6,8 @@ Owns:
   §9) with its default, as field metadata on frozen dataclasses in upstream's struct order, plus a few keys
   of our own (marked "soci-py" in the docstrings): ``docker_config``, ``credential_helper_timeout_sec``,
   ``[cri_keychain] persist`` / ``credential_ttl_sec`` and ``[kubeconfig_keychain] namespaces`` /
-  ``label_selector`` / ``first_sync_wait_sec``, and the block cache's ``[directory_cache]
-  max_memory_bytes`` / ``max_disk_bytes`` / ``verify_every_read``;
+  ``label_selector`` / ``first_sync_wait_sec``, the block cache's ``[directory_cache]
+  max_memory_bytes`` / ``max_disk_bytes`` / ``verify_every_read``, and ``[fuse] long_timeouts``;
 * the two default rules. Keys marked ``fill`` are "filled after decoding": an explicit 0 or ``""`` means
   "use the default". All other keys are "pre-seeded": the default applies only when the key is absent, and
   an explicit 0/false/-1 is kept. (Keys whose 0 means "N where used", such as ``resolve_result_entry``,
@@ -254,12 +254,29 @@ class DirectoryCacheSection:
 
 @dataclass(frozen=True)
 class FuseSection:
-    """``[fuse]``: kernel cache timeouts in seconds (0 → 1)."""
+    """``[fuse]``: kernel cache timeouts in seconds (0 → 1).
+
+    soci-py key ``long_timeouts`` (default true): the FUSE session lets the kernel keep entries, attributes
+    and negative lookups for 3600 s, because layers are immutable, and ``attr_timeout`` / ``entry_timeout``
+    / ``negative_timeout`` are not used. Set it to false to have those three keys apply (upstream's
+    behaviour, 1 s each by default). A separate key because a value of 1 written in the file cannot be told
+    from the default (and ``config dump`` writes every key).
+    """
 
     attr_timeout: int = _opt(1, fill=True, lo=0)
     entry_timeout: int = _opt(1, fill=True, lo=0)
     negative_timeout: int = _opt(1, fill=True, lo=0)
     log_fuse_operations: bool = _opt(False)
+    long_timeouts: bool = _opt(True)
+
+    #: The kernel cache timeout (seconds) of every kind while ``long_timeouts`` is on.
+    LONG_TIMEOUT = 3600.0
+
+    def timeouts(self) -> tuple[float, float, float]:
+        """``(attr, entry, negative)`` timeouts in seconds for the FUSE session."""
+        if self.long_timeouts:
+            return (self.LONG_TIMEOUT,) * 3
+        return float(self.attr_timeout), float(self.entry_timeout), float(self.negative_timeout)
 
 
 @dataclass(frozen=True)

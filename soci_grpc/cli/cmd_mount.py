@@ -24,9 +24,12 @@ others; the output says which layers are ``lazy`` and which are ``local``.
 
 Credentials: ``--user`` first (as ``soci push``), else the daemon's credential chain built from the config
 (the Docker config with its helpers; Kubernetes secrets when ``[kubeconfig_keychain] enable_keychain``),
-looked up on every token fetch. Fetch timeouts and retries come from ``[blob]``/``[http]``; a read that
-cannot be served within ``[blob] fetching_timeout_sec`` fails with EIO and the mount stays up. The background
-fetcher runs as in the daemon (``[background_fetch]``).
+looked up on every token fetch. The kernel cache timeouts are 3600 s (layers are immutable) unless ``[fuse]
+long_timeouts = false``, then ``[fuse] attr_timeout`` / ``entry_timeout`` / ``negative_timeout``; tar headers
+are verified before a file's first read unless ``disable_verification = true``; a layer whose zTOC descriptor
+says ``com.amazon.soci.disable-xattrs`` shows no xattrs. Fetch timeouts and retries come from
+``[blob]``/``[http]``; a read that cannot be served within ``[blob] fetching_timeout_sec`` fails with EIO and
+the mount stays up. The background fetcher runs as in the daemon (``[background_fetch]``).
 
 Output (stdout): one line per layer, then ``mounted REF at MOUNTPOINT (...)`` when the mount is ready (tests
 wait on it). The command stays in the foreground until SIGINT/SIGTERM or until MOUNTPOINT is unmounted by
@@ -165,6 +168,35 @@ def credentials(args: argparse.Namespace, cfg: config_mod.Config, host: str) -> 
     return _Creds(built.chain, "the credential chain", built)
 
 
+def mount_options(cfg: config_mod.Config) -> MountOptions:
+    """The FUSE session's options from the config: the ``[fuse]`` timeouts (3600 s each unless ``[fuse]
+    long_timeouts = false``) and tar header verification (off with ``disable_verification = true``)."""
+    fuse = cfg.fuse
+    attr, entry, negative = fuse.timeouts()
+    if fuse.long_timeouts:
+        ignored = [
+            f"{k} = {v}"
+            for k, v in (
+                ("attr_timeout", fuse.attr_timeout),
+                ("entry_timeout", fuse.entry_timeout),
+                ("negative_timeout", fuse.negative_timeout),
+            )
+            if v != 1
+        ]
+        if ignored:
+            log.warning(
+                "[fuse] %s not used: [fuse] long_timeouts is true (%g s); set it to false to use them",
+                ", ".join(ignored),
+                fuse.LONG_TIMEOUT,
+            )
+    return MountOptions(
+        attr_timeout=attr,
+        entry_timeout=entry,
+        negative_timeout=negative,
+        verify=not cfg.disable_verification,
+    )
+
+
 def _pick_layer(plan: ImagePlan, wanted: str) -> LayerPlan:
     w = wanted if ":" in wanted else "sha256:" + wanted
     hits = [x for x in plan.layers if x.descriptor.digest.startswith(w)]
@@ -239,6 +271,7 @@ class _Run:
     background: BackgroundConfig
     mountpoint: Path
     fuse_dir: Path
+    mount_options: MountOptions = field(default_factory=MountOptions)
     opened: list[OpenedLayer] = field(default_factory=list)
     mount_id: str | None = None
     ended_by: str = ""
@@ -248,7 +281,7 @@ class _Run:
 async def _serve(ctx: _Run) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            session: Session = await nursery.start(serve_layers, ctx.fuse_dir, MountOptions())
+            session: Session = await nursery.start(serve_layers, ctx.fuse_dir, ctx.mount_options)
             work = trio.CancelScope()
 
             async def on_signal() -> None:
@@ -290,7 +323,7 @@ async def _mount_and_wait(ctx: _Run, session: Session, fetcher: BackgroundFetche
         )
         ctx.opened.append(layer)
         name = plan.descriptor.digest.replace(":", "-", 1)
-        dirs.append(await session.add_layer(name, layer.ztoc, layer.data))
+        dirs.append(await session.add_layer(name, layer.ztoc, layer.data, **layer.serve_options()))
         spans = layer.data.span_count
         if layer.lazy:
             assert plan.ztoc_descriptor is not None
@@ -414,6 +447,7 @@ def _run_mount(
         background=BackgroundConfig.from_section(cfg.background_fetch),
         mountpoint=mountpoint,
         fuse_dir=fuse_dir,
+        mount_options=mount_options(cfg),
         out=lambda line: print(line, flush=True),
     )
     try:

@@ -3,16 +3,24 @@ what containerd's overlayfs snapshotter would have extracted."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
+import hashlib
+import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
+from soci_fs import ztoc as ztoc_mod
+from soci_fs.cache import BlockCache, CacheConfig
 from soci_fs.errors import FailedPrecondition, Unavailable
 from soci_fs.mount import MountOptions, ThreadedSession, serve_layers
-from soci_fs.operations import BufferLayerData
+from soci_fs.operations import BufferLayerData, LocalBlob
+from soci_fs.spans import RemoteLayer
+from soci_fs.ztoc import Ztoc
 from tests.fs import fusehelp as fh
 
 pytestmark = [
@@ -301,3 +309,172 @@ def test_unmounted_from_outside_ends_the_session(tmp_path: Path) -> None:
     finally:
         s.close()
     assert fh.mounts_under(mnt) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tar header verification, the state directory, disable-xattrs
+
+
+def _altered(z: Ztoc, name: str, **change: object) -> Ztoc:
+    """``z`` with one entry's metadata changed, serialized and parsed again (as a registry would serve it)."""
+    files = tuple(dataclasses.replace(f, **change) if f.name == name else f for f in z.files)
+    assert files != z.files
+    return ztoc_mod.parse(ztoc_mod.serialize(dataclasses.replace(z, files=files)))
+
+
+def _state(root: Path) -> dict:
+    d = root / ".soci-snapshotter"
+    (name,) = os.listdir(d)
+    raw = (d / name).read_bytes()
+    assert raw.startswith(b'{"') and raw.endswith(b"}\n")
+    assert os.stat(d / name).st_size == len(raw)
+    return {"name": name, "raw": raw, **json.loads(raw)}
+
+
+@pytest.mark.expect_log
+@pytest.mark.parametrize("change", [{"mode": 0o600}, {"uid": 4242}, {"mod_time": "2001-01-01T00:00:00Z"}])
+def test_altered_ztoc_metadata_fails_the_read_unless_verification_is_off(
+    session: ThreadedSession,
+    kinds_tar: Path,
+    work: Path,
+    change: dict,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    layer = fh.build_layer(kinds_tar, 64 * 1024)
+    z = _altered(layer.ztoc, "./dir/small.txt", **change)
+    tar = kinds_tar.read_bytes()
+    root = session.add_layer("altered", z, BufferLayerData(tar))
+    assert stat.S_IMODE(os.stat(root / "dir" / "small.txt").st_mode) == (change.get("mode") or 0o644)
+    with pytest.raises(OSError) as info:
+        (root / "dir" / "small.txt").read_bytes()
+    assert info.value.errno == errno.EIO
+    # every other file reads (and verifies) fine
+    want = work / "kinds-x"
+    if not want.exists():
+        fh.extract(kinds_tar, want)
+    for name in ("dir/sub/text.txt", "dir/sub/big.bin", "dir/hl-a", "dir/xattrs", "many/f0007"):
+        assert (root / name).read_bytes() == (want / name).read_bytes()
+    field = {"mode": "mode", "uid": "uid", "mod_time": "mtime"}[next(iter(change))]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("'altered'" in m and "/dir/small.txt" in m and f"field {field}" in m for m in errors), errors
+    assert not any("hello" in m for m in errors)
+    state = _state(root)
+    assert f"field {field}" in state["error"] and "/dir/small.txt" in state["error"]
+    # the same zTOC with verification off (config disable_verification = true) reads the file
+    plain = session.add_layer("altered-unverified", z, BufferLayerData(tar), verify=False)
+    assert (plain / "dir" / "small.txt").read_bytes() == b"hello\n"
+    assert "error" not in _state(plain)
+
+
+def test_every_file_of_an_unaltered_layer_verifies(
+    session: ThreadedSession, usr_tar: Path, work: Path
+) -> None:
+    layer = fh.build_layer(usr_tar, 64 * 1024)
+    data = BufferLayerData(usr_tar.read_bytes())
+    root = session.add_layer("usr-verified", layer.ztoc, data)
+    assert session.session.ops.layers.by_name[b"usr-verified"].verifier is not None
+    want_dir = work / "usr-x"
+    if not want_dir.exists():
+        fh.extract(usr_tar, want_dir)
+    assert fh.diff_r(root, want_dir) == ""
+
+
+class _CountingBlob:
+    """``fetch(start, end)`` over a local blob that counts the bytes it hands out."""
+
+    def __init__(self, path: Path) -> None:
+        self.blob = LocalBlob(path)
+        self.bytes = 0
+
+    def __call__(self, start: int, end: int) -> bytes:
+        self.bytes += end - start
+        return self.blob(start, end)
+
+
+def test_state_directory_reports_what_a_lazy_layer_fetched(
+    session: ThreadedSession, kinds_tar: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    layer = fh.build_layer(kinds_tar, 64 * 1024)
+    fetch = _CountingBlob(layer.blob)
+    request.addfinalizer(fetch.blob.close)
+    digest = "sha256:" + hashlib.sha256(layer.blob.read_bytes()).hexdigest()
+    size = layer.blob.stat().st_size
+    cache = BlockCache(None, CacheConfig())
+    remote = session.call(functools.partial(RemoteLayer.open, layer.ztoc, fetch, digest, cache))
+    assert remote.span_count > 10
+    root = session.add_layer("lazy", layer.ztoc, remote, size=size)
+    # lookup-only: not listed, but there
+    assert ".soci-snapshotter" not in os.listdir(root)
+    st = os.lstat(root / ".soci-snapshotter")
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o500
+    assert (st.st_uid, st.st_gid, st.st_nlink, st.st_mtime) == (0, 0, 1, 0)
+    before = _state(root)
+    assert before["name"] == f"{digest}.json"
+    assert list(before)[1:] == ["raw", "digest", "size", "fetchedSize", "fetchedPercent"]
+    assert (before["digest"], before["size"], before["fetchedSize"]) == (digest, size, 0)
+    assert before["raw"] == (
+        f'{{"digest":"{digest}","size":{size},"fetchedSize":0,"fetchedPercent":0}}\n'.encode()
+    )
+    f = root / ".soci-snapshotter" / f"{digest}.json"
+    fst = os.lstat(f)
+    assert stat.S_ISREG(fst.st_mode) and stat.S_IMODE(fst.st_mode) == 0o400 and fst.st_uid == 0
+    assert (root / "dir" / "small.txt").read_bytes() == b"hello\n"
+    after = _state(root)
+    assert 0 < after["fetchedSize"] < size
+    assert after["fetchedSize"] <= fetch.bytes
+    assert after["fetchedPercent"] == pytest.approx(100 * after["fetchedSize"] / size)
+    assert after["fetchedSize"] == remote.statistics()["fetched_size"]
+    assert "error" not in after
+    # the kernel asks again on every stat and read (the content changes as spans arrive)
+    (root / "dir" / "sub" / "big.bin").read_bytes()
+    assert _state(root)["fetchedSize"] > after["fetchedSize"]
+    with pytest.raises(FileNotFoundError):
+        os.lstat(root / ".soci-snapshotter" / "other.json")
+    with pytest.raises(FileNotFoundError):
+        os.lstat(root / "dir" / ".soci-snapshotter")
+
+
+@pytest.mark.expect_log
+def test_state_file_keeps_the_last_failure(session: ThreadedSession, kinds_tar: Path) -> None:
+    layer = fh.build_layer(kinds_tar, 64 * 1024)
+    tar = kinds_tar.read_bytes()
+    entry = next(e for e in layer.ztoc.files if e.name == "./dir/sub/text.txt")
+    lo = entry.uncompressed_offset
+    bad = _Exploding(BufferLayerData(tar), lo, lo + 10, Unavailable("registry down for the test"))
+    root = session.add_layer("failing", layer.ztoc, bad, size=len(tar))
+    assert "error" not in _state(root)
+    with pytest.raises(OSError):
+        (root / "dir" / "sub" / "text.txt").read_bytes()
+    state = _state(root)
+    assert "registry down for the test" in state["error"] and "/dir/sub/text.txt" in state["error"]
+    assert list(state)[:3] == ["name", "raw", "error"]  # "error" comes first when set
+    assert state["fetchedSize"] == state["size"] == len(tar)  # data without fetched_size(): all there
+    assert (root / "dir" / "small.txt").read_bytes() == b"hello\n"
+    assert "registry down for the test" in _state(root)["error"]  # kept until the next failure
+
+
+def test_disable_xattrs_layer_shows_none_and_the_others_keep_theirs(
+    session: ThreadedSession, kinds_tar: Path, overlay_tars: list[Path]
+) -> None:
+    kinds = fh.build_layer(kinds_tar, 64 * 1024)
+    ov2_tar = overlay_tars[1]
+    ov2 = fh.build_layer(ov2_tar, 64 * 1024)
+    nox = session.add_layer(
+        "kinds-nox", kinds.ztoc, BufferLayerData(kinds_tar.read_bytes()), disable_xattrs=True
+    )
+    nox_ov = session.add_layer(
+        "ov2-nox", ov2.ztoc, BufferLayerData(ov2_tar.read_bytes()), disable_xattrs=True
+    )
+    plain = session.add_layer("kinds", kinds.ztoc, BufferLayerData(kinds_tar.read_bytes()))
+    ov = session.add_layer("ov2", ov2.ztoc, BufferLayerData(ov2_tar.read_bytes()))
+    for _ in range(2):  # the answer for the disabled layers does not make the kernel stop asking
+        for path, key in ((nox / "dir" / "xattrs", "user.plain"), (nox_ov / "b", fh.OPAQUE)):
+            with pytest.raises(OSError) as info:
+                os.getxattr(path, key)
+            assert info.value.errno == errno.ENODATA
+            assert os.listxattr(path) == []
+        assert os.getxattr(plain / "dir" / "xattrs", "user.plain") == b"value"
+        assert sorted(os.listxattr(plain / "dir" / "xattrs")) == ["user.binary", "user.empty", "user.plain"]
+        assert os.getxattr(ov / "b", fh.OPAQUE) == b"y"
+    # data and metadata of the disabled layer are unaffected
+    assert (nox / "dir" / "xattrs").read_bytes() == b"x"

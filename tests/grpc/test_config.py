@@ -86,6 +86,7 @@ DEFAULTS = {
     "fuse.entry_timeout": 1,
     "fuse.negative_timeout": 1,
     "fuse.log_fuse_operations": False,
+    "fuse.long_timeouts": True,
     "background_fetch.disable": False,
     "background_fetch.silence_period_msec": 30_000,
     "background_fetch.fetch_period_msec": 500,
@@ -203,6 +204,7 @@ credential_helper_timeout_sec = 5.0
   entry_timeout = 1
   negative_timeout = 1
   log_fuse_operations = false
+  long_timeouts = true
 
 [background_fetch]
   disable = false
@@ -650,6 +652,7 @@ attr_timeout = 3
 entry_timeout = 4
 negative_timeout = 5
 log_fuse_operations = true
+long_timeouts = false
 [background_fetch]
 disable = true
 silence_period_msec = 1

@@ -39,6 +39,8 @@ from soci_fs.spanread import LayerSpans
 from soci_fs.spans import SpanConfig
 from soci_fs.store import ContentStore
 from soci_fs.ztoc import Ztoc
+from soci_grpc import config as config_mod
+from soci_grpc.cli import cmd_mount
 from tests.fs import fusehelp as fh
 from tests.fs.ocigen import MT_LAYER_GZIP, LayoutBuilder
 from tests.grpc.clihelp import SOCI_EXE, ok, run
@@ -139,7 +141,13 @@ def _plan(img: Image, work: Path) -> ImagePlan:
 
 
 def make_v2_image(
-    registry: Registry, work: Path, name: str, tars: list[Path], *, min_layer_size: int = 0
+    registry: Registry,
+    work: Path,
+    name: str,
+    tars: list[Path],
+    *,
+    min_layer_size: int = 0,
+    convert_flags: tuple[str, ...] = (),
 ) -> Image:
     """A SOCI-enabled image (index v2) of gzip layers made from ``tars`` (base first), pushed as repo:soci."""
     b = LayoutBuilder(work / f"{name}-layout")
@@ -156,6 +164,7 @@ def make_v2_image(
             str(SPAN),
             "--min-layer-size",
             str(min_layer_size),
+            *convert_flags,
             b.root,
             out,
         )
@@ -803,3 +812,97 @@ def test_unexpected_fetch_error_does_not_kill_the_session(
             for mp in left:
                 fh.run("umount", "-l", mp, check=False)
             assert not left
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the state directory, disable-xattrs and the [fuse] config through soci mount
+
+
+def test_state_file_shows_a_partly_fetched_layer(
+    usr: Image, proxy: FaultProxy, soci_mount: Callable[..., Mounted], extracted
+) -> None:
+    digest = usr.layers[0]
+    m = soci_mount(usr.ref(proxy.host), "--user", f"{USER}:{PASSWORD}")  # one layer: a bind mount of it
+    state = m.mountpoint / ".soci-snapshotter" / f"{digest}.json"
+    assert ".soci-snapshotter" not in os.listdir(m.mountpoint)
+    first = json.loads(read_bytes(state))
+    assert first == {"digest": digest, "size": first["size"], "fetchedSize": 0, "fetchedPercent": 0}
+    name = "usr/share/zoneinfo/Europe/Paris"
+    assert read_bytes(m.mountpoint / name) == read_bytes(extracted("usr") / name)
+    raw = read_bytes(state)
+    assert raw.endswith(b"}\n") and b", " not in raw
+    doc = json.loads(raw)
+    fetched = sum(b - a for a, b in blob_gets(proxy, digest)[2:])  # after the probe and the gzip header
+    assert 0 < doc["fetchedSize"] <= fetched < doc["size"]
+    assert doc["fetchedPercent"] == pytest.approx(100 * doc["fetchedSize"] / doc["size"])
+    assert "error" not in doc
+    m.stop()
+
+
+def test_disable_xattrs_annotation_reaches_the_layer(
+    htpasswd_registry: Registry, work: Path, tars: dict[str, Path], tmp_path: Path
+) -> None:
+    img = make_v2_image(
+        htpasswd_registry,
+        work,
+        "noxattr",
+        [tars["kinds"], tars["ov1"]],
+        convert_flags=("--optimizations", "xattr"),
+    )
+    assert img.plan is not None
+    assert [x.disable_xattrs for x in img.plan.layers] == [False, True]  # kinds has user.* xattrs
+    ref = reference.parse(img.ref(htpasswd_registry.host))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with _creds_client(str(ref)) as client:
+        source = ImageSource(client, ref, ContentStore(tmp_path / "content"))
+        cache = BlockCache(tmp_path, CacheConfig())
+        s = ThreadedSession(mnt, MountOptions())
+        opened = []
+        try:
+            s.start()
+            dirs = []
+            for i, plan in enumerate(img.plan.layers):
+                layer = s.call(functools.partial(open_layer, source, plan, cache))
+                opened.append(layer)
+                assert layer.serve_options() == {
+                    "digest": img.layers[i],
+                    "size": plan.descriptor.size,
+                    "disable_xattrs": i == 1,
+                }
+                dirs.append(s.add_layer(f"l{i}", layer.ztoc, layer.data, **layer.serve_options()))
+            layers = s.session.ops.layers.by_name
+            assert (layers[b"l0"].xattrs, layers[b"l1"].xattrs) == (True, False)
+            assert os.listxattr(dirs[1] / "a") == []
+            with pytest.raises(OSError) as exc:
+                os.getxattr(dirs[1] / "a", "user.plain")
+            assert exc.value.errno == errno.ENODATA
+            assert os.getxattr(dirs[0] / "dir" / "xattrs", "user.plain") == b"value"
+            assert os.listdir(dirs[1] / ".soci-snapshotter") == [f"{img.layers[1]}.json"]
+        finally:
+            s.close()
+            for layer in opened:
+                layer.close()
+            left = fh.mounts_under(tmp_path)
+            for mp in left:
+                fh.run("umount", "-l", mp, check=False)
+            assert not left
+
+
+def test_mount_options_from_the_config() -> None:
+    default = cmd_mount.mount_options(config_mod.Config())
+    assert (default.attr_timeout, default.entry_timeout, default.negative_timeout) == (3600, 3600, 3600)
+    assert default.verify
+    cfg = config_mod.parse(
+        "disable_verification = true\n[fuse]\nlong_timeouts = false\nattr_timeout = 5\nnegative_timeout = 0\n"
+    )
+    opts = cmd_mount.mount_options(cfg)
+    assert (opts.attr_timeout, opts.entry_timeout, opts.negative_timeout) == (5, 1, 1)
+    assert not opts.verify
+
+
+@pytest.mark.expect_log
+def test_fuse_timeouts_ignored_under_long_timeouts_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    opts = cmd_mount.mount_options(config_mod.parse("[fuse]\nentry_timeout = 7\n"))
+    assert opts.entry_timeout == 3600
+    assert any("entry_timeout = 7 not used" in r.getMessage() for r in caplog.records)
