@@ -42,7 +42,7 @@ from soci_fs.ztoc import Ztoc
 from soci_grpc import config as config_mod
 from soci_grpc.cli import cmd_mount
 from tests.fs import fusehelp as fh
-from tests.fs.ocigen import MT_LAYER_GZIP, LayoutBuilder
+from tests.fs.ocigen import MT_LAYER_GZIP, MT_LAYER_TAR, LayoutBuilder
 from tests.grpc.clihelp import SOCI_EXE, ok, run
 from tests.harness.registry import PASSWORD, USER, Fault, FaultProxy, RawPusher, Registry
 from tests.harness.token_server import TokenServer
@@ -148,10 +148,15 @@ def make_v2_image(
     *,
     min_layer_size: int = 0,
     convert_flags: tuple[str, ...] = (),
+    uncompressed: bool = False,
 ) -> Image:
-    """A SOCI-enabled image (index v2) of gzip layers made from ``tars`` (base first), pushed as repo:soci."""
+    """A SOCI-enabled image (index v2) of gzip layers made from ``tars`` (base first), pushed as repo:soci.
+    With ``uncompressed`` the layers are plain tar blobs (``application/vnd.oci.image.layer.v1.tar``)."""
     b = LayoutBuilder(work / f"{name}-layout")
-    m = b.image([(MT_LAYER_GZIP, _gzip(t)) for t in tars])
+    if uncompressed:
+        m = b.image([(MT_LAYER_TAR, t.read_bytes()) for t in tars])
+    else:
+        m = b.image([(MT_LAYER_GZIP, _gzip(t)) for t in tars])
     b.write_index_json(m, ref_names=["test"])
     out = work / f"{name}-soci"
     ok(
@@ -471,6 +476,27 @@ def test_each_layer_matches_tar_x(
         assert any("lazy:" in line for line in m.lines)
         m.stop()
         assert not fh.mounts_under(m.mountpoint)
+
+
+def test_uncompressed_tar_layer_is_served_lazily_the_same_way(
+    htpasswd_registry: Registry,
+    work: Path,
+    tars: dict[str, Path],
+    proxy: FaultProxy,
+    soci_mount: Callable[..., Mounted],
+    extracted,
+) -> None:
+    img = make_v2_image(htpasswd_registry, work, "plain", [tars["kinds"]], uncompressed=True)
+    assert img.ztoc(0).compression.algorithm == 2  # uncompressed: TarZinfo spans over the raw tar
+    proxy.clear()
+    m = soci_mount(img.ref(proxy.host), "--user", f"{USER}:{PASSWORD}", "--layer", img.layers[0])
+    want = extracted("kinds")
+    assert fh.diff_r(m.mountpoint, want) == ""
+    assert fh.differences(fh.snapshot(m.mountpoint, with_data=True), fh.snapshot(want, with_data=True)) == []
+    assert any("lazy:" in line for line in m.lines)
+    assert blob_gets(proxy, img.layers[0]), "the layer was not read through ranged blob requests"
+    m.stop()
+    assert not fh.mounts_under(m.mountpoint)
 
 
 def test_overlay_of_the_image_matches_overlay_of_extracted_layers(
