@@ -15,7 +15,7 @@ extensions = [
     Extension(
         "soci_fs._ext._zinfo",
         sources=["ext/_zinfo.pyx"],
-        libraries=["z"],
+        libraries=["z", "isal"],
         define_macros=[("ZLIB_CONST", None)],
         extra_compile_args=COMPILE_ARGS,
     ),

@@ -15,7 +15,7 @@ the two raise the same errors and produce byte-identical results.
 from cpython.buffer cimport PyBUF_READ
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 
@@ -50,6 +50,11 @@ cdef extern from "zlib.h" nogil:
     int inflateReset2(z_stream *strm, int windowBits)
     int inflatePrime(z_stream *strm, int bits, int value)
     int inflateSetDictionary(z_stream *strm, const unsigned char *dictionary, unsigned int dictLength)
+    int inflateValidate(z_stream *strm, int check)
+
+
+cdef extern from "isa-l/crc.h" nogil:
+    uint32_t crc32_gzip_refl(uint32_t init_crc, const unsigned char *buf, uint64_t len)
 
 
 cdef enum:
@@ -59,6 +64,7 @@ cdef enum:
     OUT_CHUNK = 1048576  # uncompressed bytes handed to the sink at a time (the last piece may be shorter)
     SKIP_CHUNK = 131072  # scratch buffer for output that extract_span discards
     MAX_FEED = 1073741824  # at most this much input or output per inflate call (32-bit counters)
+    GZIP_MAGIC0 = 0x1F  # first byte of a gzip member; never the first byte of a zlib header (CM would be 15)
 
 # Input is read in pieces of this size. The checkpoints do not depend on it: inflate stops at every block
 # boundary whatever the input chunking (see tests/fs/test_zinfo.py, which feeds tiny random reads).
@@ -73,6 +79,10 @@ cdef inline void _put_le64(unsigned char *p, uint64_t v) noexcept nogil:
     for k in range(8):
         p[k] = <unsigned char>(v & 0xFF)
         v >>= 8
+
+
+cdef inline uint32_t _get_le32(const unsigned char *p) noexcept nogil:
+    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
 
 
 cdef str _zmsg(z_stream *strm, int ret):
@@ -139,7 +149,13 @@ cdef bytes _blob_header(Py_ssize_t n, int64_t span_size):
 
 
 def index_gzip(read, span_size, sink=None):
-    """Inflate a gzip stream once, recording checkpoints and span digests (see ``soci_fs.zinfo``)."""
+    """Inflate a gzip stream once, recording checkpoints and span digests (see ``soci_fs.zinfo``).
+
+    Integrity: zlib validates each member's header (including FHCRC) as usual; once a gzip member's header
+    is parsed, zlib's own check is switched off (``inflateValidate(0)``: it still consumes the trailer) and
+    the CRC-32 of the member's output is computed here with ISA-L, then compared, with ISIZE, against the
+    trailer bytes zlib consumed. zlib-wrapped members keep zlib's Adler-32 check.
+    """
     if not isinstance(span_size, int) or isinstance(span_size, bool) or span_size <= 0:
         raise InvalidArgument(f"span size must be a positive integer, got {span_size!r}")
     if span_size >= 1 << 63:
@@ -160,6 +176,17 @@ def index_gzip(read, span_size, sink=None):
     cdef int64_t hpos = 0  # compressed bytes before this offset are hashed (or belong to no span)
     cdef Py_ssize_t chunk_len = 0
     cdef int prev_last_byte = -1
+    cdef unsigned char tail[8]  # the last 8 input bytes before chunk_start (a trailer may straddle reads)
+    cdef unsigned char trailer[8]
+    cdef unsigned char *out_before
+    cdef int member_first = -1  # first byte of the current member, once seen
+    cdef int64_t member_start = 0  # compressed offset of the current member
+    cdef bint header_pending = True  # the current member's header is not parsed yet
+    cdef bint own_check = False  # the current member is gzip: its CRC-32 and ISIZE are checked here
+    cdef uint32_t member_crc = 0
+    cdef uint64_t member_len = 0
+    cdef int k
+    cdef int64_t off
     cdef bint input_eof = False
     cdef bint member_done = False
     cdef const unsigned char *chunk_ptr = NULL
@@ -172,6 +199,7 @@ def index_gzip(read, span_size, sink=None):
     hasher = SpanHasher()
     cdef Py_ssize_t rel
 
+    memset(tail, 0, 8)
     memset(&strm, 0, sizeof(z_stream))
     ret = inflateInit2_(&strm, GZIP_AUTO_WBITS, ZLIB_VERSION, sizeof(z_stream))
     if ret != Z_OK:
@@ -183,8 +211,10 @@ def index_gzip(read, span_size, sink=None):
             strm.next_out = win.buf + WINSIZE + win.pos
             strm.avail_out = <unsigned int>(OUT_CHUNK - win.pos)
             # Until the output passes last + span no block boundary can take a checkpoint, so inflate runs
-            # without stopping at boundaries, capped so that it cannot run past that point.
-            if 0 < totout < last + span:
+            # without stopping at boundaries, capped so that it cannot run past that point. A member's header
+            # is always inflated with Z_BLOCK, which stops right after it (no output, no checkpoint: the
+            # output is short of last + span there) so that zlib's check can be switched off for the data.
+            if 0 < totout < last + span and not header_pending:
                 flush_mode = Z_NO_FLUSH
                 if last + span - totout < strm.avail_out:
                     strm.avail_out = <unsigned int>(last + span - totout)
@@ -196,6 +226,11 @@ def index_gzip(read, span_size, sink=None):
                     hpos = chunk_start + chunk_len
                 if chunk_len:
                     prev_last_byte = chunk_ptr[chunk_len - 1]
+                    if chunk_len >= 8:
+                        memcpy(tail, chunk_ptr + chunk_len - 8, 8)
+                    else:
+                        memmove(tail, tail + chunk_len, 8 - chunk_len)
+                        memcpy(tail + 8 - chunk_len, chunk_ptr, chunk_len)
                 chunk_start += chunk_len
                 data = read(IN_CHUNK)
                 if not isinstance(data, bytes):
@@ -219,16 +254,47 @@ def index_gzip(read, span_size, sink=None):
                     raise FormatError(f"cannot restart inflate at compressed offset {totin}: {_zmsg(&strm, ret)}")
                 member_done = False
 
+            if member_first < 0 and strm.avail_in > 0:
+                member_first = strm.next_in[0]
             avail_in_before = strm.avail_in
             avail_out_before = strm.avail_out
+            out_before = strm.next_out
             with nogil:
                 ret = inflate(&strm, flush_mode)
+                if own_check and strm.next_out != out_before:
+                    member_crc = crc32_gzip_refl(member_crc, out_before, <uint64_t>(strm.next_out - out_before))
             totin += avail_in_before - strm.avail_in
             totout += avail_out_before - strm.avail_out
             win.pos += avail_out_before - strm.avail_out
+            member_len += avail_out_before - strm.avail_out
 
             if ret == Z_STREAM_END:
                 member_done = True
+                if own_check:
+                    # zlib consumed exactly the member, trailer last; the trailer's bytes are the last 8
+                    # consumed, in this chunk or (when it straddles reads) partly in ``tail``.
+                    for k in range(8):
+                        off = totin - 8 + k
+                        if off >= chunk_start:
+                            trailer[k] = chunk_ptr[off - chunk_start]
+                        else:
+                            trailer[k] = tail[8 - (chunk_start - off)]
+                    if _get_le32(trailer) != member_crc:
+                        raise FormatError(
+                            f"corrupt gzip stream at compressed offset {totin - 4}: incorrect data check "
+                            f"(gzip member at compressed offset {member_start})"
+                        )
+                    if _get_le32(trailer + 4) != <uint32_t>member_len:
+                        raise FormatError(
+                            f"corrupt gzip stream at compressed offset {totin}: incorrect length check "
+                            f"(gzip member at compressed offset {member_start})"
+                        )
+                # Any next member starts here; its header is inflated with Z_BLOCK (set before the reset,
+                # since the flush mode is chosen at the top of the loop).
+                member_start = totin
+                member_first = -1
+                header_pending = True
+                own_check = False
             elif ret == Z_BUF_ERROR:
                 # No progress was possible: the input is used up (avail_out is never 0 here).
                 if input_eof:
@@ -242,6 +308,15 @@ def index_gzip(read, span_size, sink=None):
                 raise FormatError(f"corrupt gzip stream at compressed offset {totin}: {_zmsg(&strm, ret)}")
 
             dtype = strm.data_type
+            if header_pending and (dtype & 128):
+                # The header is parsed (and checked by zlib). For a gzip member the data's CRC-32 and ISIZE
+                # are checked here from now on; a zlib-wrapped member keeps zlib's Adler-32 check.
+                header_pending = False
+                if member_first == GZIP_MAGIC0:
+                    inflateValidate(&strm, 0)
+                    own_check = True
+                    member_crc = 0
+                    member_len = 0
             if (dtype & 128) and not (dtype & 64) and (totout == 0 or totout - last > span):
                 records.append(_checkpoint_record(totin, totout, dtype & 7, win.buf + WINSIZE + win.pos))
                 last = totout

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ IN_CHUNK = 65536  # read size; the checkpoints do not depend on it (inflate stop
 
 GZIP_AUTO_WBITS = 47  # 32 (gzip/zlib header auto-detect) + 15
 RAW_WBITS = -15
+GZIP_MAGIC0 = 0x1F  # first byte of a gzip member; never the first byte of a zlib header (CM would be 15)
 
 Z_OK = 0
 Z_STREAM_END = 1
@@ -38,6 +40,7 @@ Z_NO_FLUSH = 0
 Z_BLOCK = 5
 
 _CP_HEAD = struct.Struct("<qqB")
+_TRAILER = struct.Struct("<II")
 _HEADER = struct.Struct("<iq")
 
 
@@ -89,6 +92,8 @@ _libz.inflatePrime.argtypes = [_P, ctypes.c_int, ctypes.c_int]
 _libz.inflatePrime.restype = ctypes.c_int
 _libz.inflateSetDictionary.argtypes = [_P, ctypes.c_char_p, ctypes.c_uint]
 _libz.inflateSetDictionary.restype = ctypes.c_int
+_libz.inflateValidate.argtypes = [_P, ctypes.c_int]
+_libz.inflateValidate.restype = ctypes.c_int
 _ZLIB_VERSION = _libz.zlibVersion()
 _inflate = _libz.inflate
 
@@ -118,7 +123,13 @@ def index_gzip(
     span_size: int,
     sink: Callable[[memoryview], None] | None = None,
 ) -> IndexResult:
-    """Inflate a gzip stream once, recording checkpoints and span digests (see ``soci_fs.zinfo``)."""
+    """Inflate a gzip stream once, recording checkpoints and span digests (see ``soci_fs.zinfo``).
+
+    Integrity: zlib validates each member's header (including FHCRC) as usual; once a gzip member's header
+    is parsed, zlib's own check is switched off (``inflateValidate(0)``: it still consumes the trailer) and
+    the CRC-32 of the member's output is computed here, then compared, with ISIZE, against the trailer bytes
+    zlib consumed. zlib-wrapped members keep zlib's Adler-32 check.
+    """
     if not isinstance(span_size, int) or isinstance(span_size, bool) or span_size <= 0:
         raise InvalidArgument(f"span size must be a positive integer, got {span_size!r}")
     if span_size >= 1 << 63:
@@ -153,6 +164,12 @@ def index_gzip(
     chunk = b""
     chunk_view = memoryview(chunk)
     prev_last_byte = -1
+    tail = bytes(8)  # the last 8 input bytes before chunk_start (a trailer may straddle reads)
+    member_first = -1  # first byte of the current member, once seen
+    member_start = 0  # compressed offset of the current member
+    header_pending = True  # the current member's header is not parsed yet
+    own_check = False  # the current member is gzip: its CRC-32 and ISIZE are checked here
+    member_crc = member_len = 0
     input_eof = False
     member_done = False
     records: list[bytes] = []
@@ -166,8 +183,10 @@ def index_gzip(
                 flush()
             strm.next_out = base + WINSIZE + pos
             # Until the output passes last + span no block boundary can take a checkpoint, so inflate runs
-            # without stopping at boundaries, capped so that it cannot run past that point.
-            if 0 < totout < last + span_size:
+            # without stopping at boundaries, capped so that it cannot run past that point. A member's header
+            # is always inflated with Z_BLOCK, which stops right after it (no output, no checkpoint: the
+            # output is short of last + span there) so that zlib's check can be switched off for the data.
+            if 0 < totout < last + span_size and not header_pending:
                 flush_mode = Z_NO_FLUSH
                 strm.avail_out = min(OUT_CHUNK - pos, last + span_size - totout)
             else:
@@ -180,6 +199,7 @@ def index_gzip(
                     hpos = chunk_end
                 if chunk:
                     prev_last_byte = chunk[-1]
+                    tail = chunk[-8:] if len(chunk) >= 8 else (tail + chunk)[-8:]
                 chunk_start = chunk_end
                 data = read(IN_CHUNK)
                 chunk = data if isinstance(data, bytes) else bytes(data)
@@ -203,16 +223,43 @@ def index_gzip(
                     )
                 member_done = False
 
+            if member_first < 0 and strm.avail_in > 0:
+                member_first = chunk[totin - chunk_start]
             avail_in_before = strm.avail_in
             avail_out_before = strm.avail_out
             ret = _inflate(ptr, flush_mode)
             totin += avail_in_before - strm.avail_in
             produced = avail_out_before - strm.avail_out
+            if own_check and produced:
+                member_crc = zlib.crc32(bufview[WINSIZE + pos : WINSIZE + pos + produced], member_crc)
             totout += produced
             pos += produced
+            member_len += produced
 
             if ret == Z_STREAM_END:
                 member_done = True
+                if own_check:
+                    # zlib consumed exactly the member, trailer last; the trailer's bytes are the last 8
+                    # consumed, in this chunk or (when it straddles reads) partly in ``tail``.
+                    rel = totin - chunk_start
+                    trailer = chunk[rel - 8 : rel] if rel >= 8 else tail[rel:] + chunk[:rel]
+                    stored_crc, stored_len = _TRAILER.unpack(trailer)
+                    if stored_crc != member_crc:
+                        raise FormatError(
+                            f"corrupt gzip stream at compressed offset {totin - 4}: incorrect data check "
+                            f"(gzip member at compressed offset {member_start})"
+                        )
+                    if stored_len != member_len & 0xFFFFFFFF:
+                        raise FormatError(
+                            f"corrupt gzip stream at compressed offset {totin}: incorrect length check "
+                            f"(gzip member at compressed offset {member_start})"
+                        )
+                # Any next member starts here; its header is inflated with Z_BLOCK (set before the reset,
+                # since the flush mode is chosen at the top of the loop).
+                member_start = totin
+                member_first = -1
+                header_pending = True
+                own_check = False
             elif ret == Z_BUF_ERROR:
                 # No progress was possible: the input is used up (avail_out is never 0 here).
                 if input_eof:
@@ -226,6 +273,14 @@ def index_gzip(
                 raise FormatError(f"corrupt gzip stream at compressed offset {totin}: {_zmsg(strm, ret)}")
 
             dtype = strm.data_type
+            if header_pending and dtype & 128:
+                # The header is parsed (and checked by zlib). For a gzip member the data's CRC-32 and ISIZE
+                # are checked here from now on; a zlib-wrapped member keeps zlib's Adler-32 check.
+                header_pending = False
+                if member_first == GZIP_MAGIC0:
+                    _libz.inflateValidate(ptr, 0)
+                    own_check = True
+                    member_crc = member_len = 0
             if (dtype & 128) and not (dtype & 64) and (totout == 0 or totout - last > span_size):
                 end = WINSIZE + pos
                 records.append(

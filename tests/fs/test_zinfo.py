@@ -520,6 +520,188 @@ def test_extract_trailer_cut_short(engine: ModuleType):
         engine.extract_span(member[10:-3], cp0, 0, len(data) + 1)
 
 
+# ---- member trailers: CRC-32 and ISIZE checked outside zlib ------------------------------------------------
+
+# zlib checks each member's header; for gzip members the indexer switches zlib's data check off and compares
+# the CRC-32 and ISIZE of the output with the trailer itself, which may straddle read() calls.
+
+READS = [
+    pytest.param(None, id="64k"),
+    pytest.param((1,), id="1-byte"),
+    pytest.param((3, 7, 5, 11, 2), id="odd"),
+    pytest.param((4093, 1, 8191), id="4093-1-8191"),
+]
+
+
+def _trailer_members() -> list[bytes]:
+    """Payloads of a multi-member stream: text, an empty member, more text (members of a few KiB)."""
+    rnd = random.Random(17)
+    words = [bytes(rnd.choice(b"abcdefghij ") for _ in range(rnd.randrange(2, 9))) for _ in range(300)]
+    text = b" ".join(rnd.choice(words) for _ in range(3000))
+    return [text[:9000], b"", text[9000:], b"tail\n"]
+
+
+def _members(parts: list[bytes], wbits: int = 31) -> tuple[bytes, list[tuple[int, int]]]:
+    """Concatenated members (gzip for ``wbits`` 31, zlib for 15) and each member's [start, end)."""
+    blob, bounds = b"", []
+    for p in parts:
+        c = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        m = c.compress(p) + c.flush()
+        bounds.append((len(blob), len(blob) + len(m)))
+        blob += m
+    return blob, bounds
+
+
+def _chunked_read(blob: bytes, sizes: tuple[int, ...] | None, cuts: tuple[int, ...] = ()):
+    """A read() that returns pieces of the given sizes in turn, never a piece across one of ``cuts``."""
+    f = io.BytesIO(blob)
+    turn = [0]
+
+    def read(n: int) -> bytes:
+        want = n if sizes is None else sizes[turn[0] % len(sizes)]
+        turn[0] += 1
+        pos = f.tell()
+        nxt = min((c for c in cuts if c > pos), default=len(blob))
+        return f.read(min(want, nxt - pos))
+
+    return read
+
+
+def _outcomes(
+    blob: bytes, sizes: tuple[int, ...] | None = None, cuts: tuple[int, ...] = (), span: int = 4 * KIB
+):
+    """The result (or FormatError text) of every engine on ``blob``; they must all agree."""
+    outs = []
+    for engine in (compiled_engine, zinfo_py):
+        if engine is None:
+            continue
+        seen: list[bytes] = []
+        try:
+            res = engine.index_gzip(
+                _chunked_read(blob, sizes, cuts), span, lambda v, seen=seen: seen.append(bytes(v))
+            )
+            outs.append((res, b"".join(seen)))
+        except FormatError as exc:
+            outs.append(("FormatError", str(exc)))
+    assert all(o == outs[0] for o in outs), outs
+    return outs[0]
+
+
+def _crc_msg(start: int, end: int) -> str:
+    return (
+        f"corrupt gzip stream at compressed offset {end - 4}: incorrect data check "
+        f"(gzip member at compressed offset {start})"
+    )
+
+
+def _len_msg(start: int, end: int) -> str:
+    return (
+        f"corrupt gzip stream at compressed offset {end}: incorrect length check "
+        f"(gzip member at compressed offset {start})"
+    )
+
+
+@pytest.mark.parametrize("sizes", READS)
+def test_good_members_index_the_same_under_any_reads(sizes: tuple[int, ...] | None):
+    parts = _trailer_members()
+    blob, _ = _members(parts)
+    res, seen = _outcomes(blob, sizes)
+    assert seen == b"".join(parts)
+    assert res == _outcomes(blob)[0]
+    z = GzipZinfo.parse(res.checkpoints_blob)
+    assert [(cp.in_offset, cp.out_offset, cp.bits) for cp in z.checkpoints] == _reference_checkpoints(
+        blob, 4 * KIB
+    )
+
+
+@pytest.mark.parametrize("sizes", READS)
+@pytest.mark.parametrize("member", [0, 1, 2, 3])
+@pytest.mark.parametrize("field", ["crc", "isize"])
+def test_bad_trailer_in_any_member(sizes: tuple[int, ...] | None, member: int, field: str):
+    blob, bounds = _members(_trailer_members())
+    start, end = bounds[member]
+    bad = bytearray(blob)
+    at = end - 8 if field == "crc" else end - 4
+    bad[at + 1] ^= 0x40
+    expected = _crc_msg(start, end) if field == "crc" else _len_msg(start, end)
+    assert _outcomes(bytes(bad), sizes) == ("FormatError", expected)
+
+
+@pytest.mark.parametrize("field", ["crc", "isize"])
+def test_trailer_straddling_a_read_boundary(field: str):
+    """Every cut through the second member's trailer (and around it): good data indexes, bad data fails."""
+    blob, bounds = _members(_trailer_members())
+    start, end = bounds[2]
+    base = _outcomes(blob)
+    bad = bytearray(blob)
+    bad[end - 8 if field == "crc" else end - 1] ^= 0x01
+    expected = _crc_msg(start, end) if field == "crc" else _len_msg(start, end)
+    for cut in range(end - 10, end + 2):
+        for more in ((), (cut + 1,), (cut + 3,)):
+            assert _outcomes(blob, None, (cut, *more)) == base
+            assert _outcomes(bytes(bad), None, (cut, *more)) == ("FormatError", expected)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_truncated_trailer(engine: ModuleType):
+    blob, _ = _members(_trailer_members()[:1])
+    for keep in range(1, 9):
+        assert _error(engine, blob[:-keep]).startswith(
+            "truncated gzip stream: input ended at compressed offset"
+        )
+
+
+def test_empty_member_with_bad_trailer():
+    blob, bounds = _members([b"", b"x" * 1000])
+    bad = bytearray(blob)
+    bad[bounds[0][1] - 4] = 1  # ISIZE of the empty member says 1 (its CRC 0 is right)
+    assert _outcomes(bytes(bad)) == ("FormatError", _len_msg(*bounds[0]))
+    bad = bytearray(blob)
+    bad[bounds[0][1] - 8] = 1
+    assert _outcomes(bytes(bad)) == ("FormatError", _crc_msg(*bounds[0]))
+
+
+@pytest.mark.parametrize("sizes", READS)
+def test_zlib_wrapped_members_keep_the_adler_check(sizes: tuple[int, ...] | None):
+    parts = _trailer_members()
+    zblob, zbounds = _members(parts, wbits=15)
+    res, seen = _outcomes(zblob, sizes)
+    assert seen == b"".join(parts) and res.compressed_size == len(zblob)
+    for member in (0, 2):
+        bad = bytearray(zblob)
+        bad[zbounds[member][1] - 2] ^= 0x10  # Adler-32
+        outcome = _outcomes(bytes(bad), sizes)
+        assert outcome == (
+            "FormatError",
+            f"corrupt gzip stream at compressed offset {zbounds[member][1]}: incorrect data check",
+        )
+    # Mixed: a zlib member, then gzip members whose CRC is checked here again.
+    gblob, gbounds = _members(parts[:3])
+    mixed = bytearray(zblob[: zbounds[0][1]] + gblob)
+    shift = zbounds[0][1]
+    mixed[shift + gbounds[2][1] - 6] ^= 0x01
+    assert _outcomes(bytes(mixed), sizes) == (
+        "FormatError",
+        _crc_msg(shift + gbounds[2][0], shift + gbounds[2][1]),
+    )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_header_crc_is_still_checked(engine: ModuleType, tar_bytes: bytes):
+    """zlib checks FHCRC only while its data check is on, so the header is parsed before it is turned off."""
+    good = _gzip_with_all_header_fields(tar_bytes[:100_000])
+    at = good.index(b"a comment\0") + len(b"a comment\0")
+    bad = bytearray(good)
+    bad[at] ^= 0xFF
+    assert (
+        _error(engine, bytes(bad))
+        == f"corrupt gzip stream at compressed offset {at + 2}: header crc mismatch"
+    )
+    second = gzip.compress(b"first", mtime=0) + bytes(bad)
+    assert _error(engine, second).endswith(": header crc mismatch")
+    assert engine.index_gzip(io.BytesIO(good).read, MIB).uncompressed_size == 100_000
+
+
 # ---- the checkpoint blob -----------------------------------------------------------------------------------
 
 
