@@ -32,40 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "bench" / "out"
+from bench.layers import MB, OUT, ensure  # noqa: E402  (after the sys.path line)
+
 TAR = OUT / "layer.tar"
 GZ = OUT / "layer.tar.gz"
 SPAN = 4 << 20
-SOURCES = [
-    "usr/lib/python3.11",
-    "usr/lib/python3",
-    "usr/share/doc",
-    "usr/share/man",
-    "usr/share/vim",
-    "usr/share/perl",
-    "usr/share/icons",
-    "usr/lib/x86_64-linux-gnu/perl",
-    "usr/lib/x86_64-linux-gnu/gconv",
-    "usr/lib/x86_64-linux-gnu/libLLVM-15.so.1",
-]
-MB = 1e6
 
 
 def prepare() -> None:
     """Create bench/out/layer.tar and layer.tar.gz unless they exist."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    if GZ.exists() and TAR.exists():
-        return
-    paths = [p for p in SOURCES if Path("/", p).exists()]
-    print(f"building {TAR} from {len(paths)} /usr paths ...", flush=True)
-    tmp = TAR.with_suffix(".tmp")
-    subprocess.run(["tar", "-C", "/", "-cf", str(tmp), *paths], check=False, stderr=subprocess.DEVNULL)
-    tmp.rename(TAR)
-    print(f"compressing with gzip -6 ({TAR.stat().st_size / MB:.0f} MB) ...", flush=True)
-    tmpgz = GZ.with_suffix(".tmp")
-    with open(tmpgz, "wb") as out:
-        subprocess.run(["gzip", "-6", "-c", str(TAR)], stdout=out, check=True)
-    tmpgz.rename(GZ)
+    ensure(TAR, GZ)
 
 
 def run_index(engine) -> tuple[float, object]:

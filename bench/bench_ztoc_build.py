@@ -37,21 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "bench" / "out"
+from bench.layers import MB, OUT, ensure, gzip_file  # noqa: E402  (after the sys.path line)
+
 SPAN = 4 << 20
-MB = 1e6
-SOURCES = [
-    "usr/lib/python3.11",
-    "usr/lib/python3",
-    "usr/share/doc",
-    "usr/share/man",
-    "usr/share/vim",
-    "usr/share/perl",
-    "usr/share/icons",
-    "usr/lib/x86_64-linux-gnu/perl",
-    "usr/lib/x86_64-linux-gnu/gconv",
-    "usr/lib/x86_64-linux-gnu/libLLVM-15.so.1",
-]
 LAYERS = {  # name -> (tar, gzip)
     "gnu": (OUT / "layer.tar", OUT / "layer.tar.gz"),  # same files as bench/bench_zinfo.py
     "pax": (OUT / "layer-pax.tar", OUT / "layer-pax.tar.gz"),
@@ -60,22 +48,6 @@ LAYERS = {  # name -> (tar, gzip)
 
 
 # ------------------------------------------------------------------------------------------ layers
-
-
-def _gzip(tar: Path, gz: Path) -> None:
-    print(f"compressing {tar.name} with gzip -6 ({tar.stat().st_size / MB:.0f} MB) ...", flush=True)
-    tmp = gz.with_suffix(".tmp")
-    with open(tmp, "wb") as out:
-        subprocess.run(["gzip", "-6", "-c", str(tar)], stdout=out, check=True)
-    tmp.rename(gz)
-
-
-def _make_tar(tar: Path, *fmt: str) -> None:
-    paths = [p for p in SOURCES if Path("/", p).exists()]
-    print(f"building {tar.name} from {len(paths)} /usr paths {' '.join(fmt)} ...", flush=True)
-    tmp = tar.with_suffix(".tmp")
-    subprocess.run(["tar", *fmt, "-C", "/", "-cf", str(tmp), *paths], check=False, stderr=subprocess.DEVNULL)
-    tmp.rename(tar)
 
 
 def _make_half(src: Path, dst: Path) -> None:
@@ -108,18 +80,13 @@ def _make_half(src: Path, dst: Path) -> None:
 
 def prepare() -> None:
     """Create the cached layers that are missing."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, (tar, gz) in LAYERS.items():
-        if gz.exists() and tar.exists():
-            continue
-        if not tar.exists():
-            if name == "gnu":
-                _make_tar(tar)
-            elif name == "pax":
-                _make_tar(tar, "--format=pax")
-            else:
-                _make_half(*LAYERS["gnu"][:1], tar)
-        _gzip(tar, gz)
+    ensure(*LAYERS["gnu"])
+    ensure(*LAYERS["pax"], "--format=pax")
+    tar, gz = LAYERS["gnu-half"]
+    if not tar.exists():
+        _make_half(LAYERS["gnu"][0], tar)
+    if not gz.exists():
+        gzip_file(tar, gz)
 
 
 # ------------------------------------------------------------------------------------ contenders
