@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+PROTO_SOURCES := $(wildcard proto/*/*.proto)
 
 .PHONY: all venv apt test test-fast test-pure lint fmt demo bench clean
 
@@ -13,11 +14,13 @@ all: venv
 apt:
 	@bash scripts/ensure-apt.sh
 
-# The stamp is rebuilt when packaging metadata or extension sources change; otherwise `make venv` is a no-op.
-$(VENV)/.stamp: pyproject.toml setup.py $(EXT_SOURCES) scripts/ensure-apt.sh
+# The stamp is rebuilt when packaging metadata, extension or proto sources change; otherwise `make venv` is a
+# no-op. The install uses --no-build-isolation, so setup.py's build requirements (Cython for ext/,
+# grpcio-tools for the gRPC code it generates from proto/) are installed first.
+$(VENV)/.stamp: pyproject.toml setup.py $(EXT_SOURCES) $(PROTO_SOURCES) scripts/ensure-apt.sh
 	@bash scripts/ensure-apt.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -U pip setuptools wheel "Cython>=3.0"
+	$(PIP) install -U pip setuptools wheel "Cython>=3.0" "grpcio-tools>=1.60"
 	$(PIP) install --no-build-isolation -e '.[test,bench]'
 	@touch $@
 
@@ -46,4 +49,4 @@ bench: venv
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info soci_fs/_ext/*.so ext/*.c
+	rm -rf $(VENV) build *.egg-info soci_fs/_ext/*.so ext/*.c soci_grpc/_proto/*/

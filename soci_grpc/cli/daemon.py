@@ -9,22 +9,33 @@ log-level names (case-insensitive; ``warning`` = ``warn``; ``trace`` is below ``
 Every error is printed as ``soci-snapshotter-grpc: <error>`` with exit status 1 (usage errors too, as
 upstream). Logging is configured only when :func:`main` runs as the program (``argv`` is ``None``).
 
-Will not: serve yet. The daemon itself is the snapshotter-daemon work item; until it lands the serving path
-loads and checks the configuration, then says so and exits 1 rather than pretending to serve.
+With no subcommand it serves: creates ``<root>`` (0700) and ``<root>/snapshotter``, listens on the unix
+socket of ``--address`` (a path or ``unix://<path>``; parent directory created 0700, a stale socket removed,
+the socket chmod 0660), serves containerd's snapshots service (:mod:`soci_grpc.service`) for local overlay
+snapshots, logs ``soci-snapshotter-grpc successfully started``, tells systemd ``READY=1`` when
+``NOTIFY_SOCKET`` is set (``STOPPING=1`` on the way out), and stops cleanly on SIGINT or SIGTERM.
+
+Will not yet: ``fd://`` socket activation, remote (lazy) layers, metrics/debug listeners.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import os
+import signal
+import socket
+import stat
 import sys
+import threading
+from concurrent import futures
 from importlib import metadata
 from typing import Any
 
-from soci_fs.errors import SociError
+from soci_fs.errors import InvalidArgument, SociError
 from soci_grpc import config as configmod
 
 PROG = "soci-snapshotter-grpc"
@@ -191,12 +202,82 @@ def _cmd_config_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to systemd's ``NOTIFY_SOCKET``; False when unset or unreachable."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as exc:  # systemd gone or not listening: nothing to tell
+        log.debug("sd_notify %s to %s failed: %s", state, addr, exc)
+        return False
+    return True
+
+
+def socket_path(address: str) -> str:
+    """The unix socket path of ``--address`` (a path or ``unix://<path>``)."""
+    if address.startswith("fd://"):
+        raise InvalidArgument(f"address {address!r}: socket activation (fd://) is not supported yet")
+    path = address.removeprefix("unix://")
+    if not path:
+        raise InvalidArgument(f"address {address!r}: no socket path")
+    return os.path.abspath(path)
+
+
+def _listen_path(path: str) -> None:
+    """Make the socket's parent directory (0700 when missing) and remove a stale socket file."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidArgument(f"address {path!r} exists and is not a socket")
+    os.unlink(path)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import grpc
+
+    from soci_grpc import service
+    from soci_grpc.snapshotter import Snapshotter
+
     log.info("starting %s", PROG, extra={"version": _version().rsplit(" ", 1)[-1], "revision": ""})
     cfg = configmod.load(args.config)
     log.debug("configuration loaded from %s", cfg.source or "defaults")
-    print(f"{PROG}: the daemon is not part of this build yet", file=sys.stderr)
-    return EXIT_FAILURE
+    path = socket_path(args.address)
+    root = os.path.abspath(args.root)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    core = Snapshotter(os.path.join(root, "snapshotter"))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
+    try:
+        service.add_to_server(core, server)
+        _listen_path(path)
+        if server.add_insecure_port("unix:" + path) == 0:
+            raise InvalidArgument(f"failed to listen on {path!r}")
+        server.start()
+        os.chmod(path, 0o660)
+        log.info("%s successfully started", PROG, extra={"address": path, "root": root})
+        sd_notify("READY=1")
+        stop.wait()
+        log.info("shutting down %s", PROG)
+        sd_notify("STOPPING=1")
+    finally:
+        server.stop(grace=2).wait()
+        core.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    log.info("%s stopped", PROG)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

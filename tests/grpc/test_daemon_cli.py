@@ -160,15 +160,18 @@ def test_bad_log_level(args: tuple[str, str]) -> None:
     assert r.rc == 1 and "failed to prepare logger" in r.err
 
 
-def test_serving_is_not_built_yet_but_checks_the_config(tmp_path: Path, bad_file: Path) -> None:
+def test_serving_checks_the_config_and_address_first(tmp_path: Path, bad_file: Path) -> None:
+    # serving itself is tested end to end in tests/integration/test_containerd_snapshots.py
     good = tmp_path / "good.toml"
     good.write_text("")
-    r = run("--config", good, "--root", tmp_path / "root", "--address", tmp_path / "s.sock")
+    r = run("--config", good, "--root", tmp_path / "root", "--address", "fd://")
     assert r.rc == 1
-    assert r.err.endswith("soci-snapshotter-grpc: the daemon is not part of this build yet\n")
+    assert r.err.endswith(
+        "soci-snapshotter-grpc: address 'fd://': socket activation (fd://) is not supported yet\n"
+    )
     assert r.logs()[0]["msg"] == "starting soci-snapshotter-grpc" and r.logs()[0]["level"] == "info"
-    r = run("--config", bad_file)
-    assert r.rc == 1 and "http.MaxRetries" in r.err and "not part of this build" not in r.err
+    r = run("--config", bad_file, "--root", tmp_path / "root", "--address", tmp_path / "s.sock")
+    assert r.rc == 1 and "http.MaxRetries" in r.err and not (tmp_path / "root").exists()
 
 
 def test_usage_errors_and_help() -> None:
