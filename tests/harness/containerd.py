@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness.procs import die_with_parent
+from tests.harness.procs import die_with_parent, stop_process
 
 CONTAINERD_BIN = "/usr/bin/containerd"
 CTR_BIN = "/usr/bin/ctr"
@@ -214,15 +214,7 @@ class Containerd:
     def stop(self) -> None:
         """Stop containerd and its shims, then remove what they left (mounts, /run/containerd entries)."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
+        stop_process(proc, timeout=10)
         for pid in self._shim_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -43,7 +42,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
-from tests.harness.procs import die_with_parent
+from tests.harness.procs import die_with_parent, stop_process
 from tests.harness.token_server import TokenServer
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -186,16 +185,7 @@ class Registry:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
+        stop_process(proc)
 
 
 # --------------------------------------------------------------------------------------------------------
