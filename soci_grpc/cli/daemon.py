@@ -245,7 +245,8 @@ def _listen_path(path: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import grpc
 
-    from soci_grpc import service
+    from soci_grpc import cri_proxy, service
+    from soci_grpc.keychain.factory import build_chain
     from soci_grpc.snapshotter import Snapshotter
 
     log.info("starting %s", PROG, extra={"version": _version().rsplit(" ", 1)[-1], "revision": ""})
@@ -254,13 +255,21 @@ def _serve(args: argparse.Namespace) -> int:
     path = socket_path(args.address)
     root = os.path.abspath(args.root)
     os.makedirs(root, mode=0o700, exist_ok=True)
+    keychains = build_chain(cfg)  # Docker config always; CRI store and Kubernetes secrets when enabled
     core = Snapshotter(os.path.join(root, "snapshotter"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"))
+    # containerd allows 16 MiB messages; CRI image lists can be large.
+    limits = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"), options=limits
+    )
+    proxy = None
     try:
         service.add_to_server(core, server)
+        if keychains.cri is not None:  # [cri_keychain] enable_keychain: the kubelet's image service endpoint
+            proxy = cri_proxy.add_to_server(server, keychains.cri, cfg.cri_keychain.image_service_path)
         _listen_path(path)
         if server.add_insecure_port("unix:" + path) == 0:
             raise InvalidArgument(f"failed to listen on {path!r}")
@@ -273,6 +282,9 @@ def _serve(args: argparse.Namespace) -> int:
         sd_notify("STOPPING=1")
     finally:
         server.stop(grace=2).wait()
+        if proxy is not None:
+            proxy.close()
+        keychains.stop()
         core.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -108,9 +108,9 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: socket.socket | None = None
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 20.0, config: str = "") -> Daemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.toml").write_text("")
+        (self.workdir / "config.toml").write_text(config)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         self.notify.settimeout(timeout)

@@ -26,6 +26,7 @@ from soci_grpc.keychain.cri import CriCredentialStore
 from tests.fs.ocigen import MT_CONFIG, MT_LAYER_GZIP, MT_MANIFEST, Entry, gz, make_tar
 from tests.harness.containerd import CONTAINERD_BIN, Containerd
 from tests.harness.registry import PASSWORD, USER, RawPusher, Registry
+from tests.integration.test_containerd_snapshots import Daemon
 
 pytestmark = [
     pytest.mark.integration,
@@ -169,3 +170,29 @@ def test_v1alpha2_is_proxied_too(rig: Rig) -> None:
     assert rig.store(rig.registry.host, img.ref) is not None
     rig.remove(img.ref, service=V1ALPHA2)
     assert rig.store.entries() == ()
+
+
+def test_the_daemon_serves_the_cri_proxy_on_its_socket(
+    htpasswd_registry: Registry, containerd_factory: Any, tmp_path: Path
+) -> None:
+    """``[cri_keychain] enable_keychain``: the kubelet points --image-service-endpoint at our socket; a
+    PullImage through it reaches containerd and its credentials are recorded in the daemon (never logged)."""
+    ctrd = containerd_factory(registries=[htpasswd_registry.host])
+    config = f'[cri_keychain]\nenable_keychain = true\nimage_service_path = "{ctrd.address}"\n'
+    daemon = Daemon(tmp_path / "soci").start(config=config)
+    try:
+        img = push_small_image(htpasswd_registry, f"cri/daemon{next(_n)}", "v1")
+        with grpc.insecure_channel("unix://" + daemon.socket) as channel:
+            req = api_pb2.PullImageRequest(
+                image=api_pb2.ImageSpec(image=img.ref),
+                auth=api_pb2.AuthConfig(username=USER, password=PASSWORD),
+            )
+            raw = channel.unary_unary(f"/{V1}/PullImage")(req.SerializeToString(), timeout=60)
+            assert api_pb2.PullImageResponse.FromString(raw).image_ref == img.config
+        direct = ctrd.ctr("-n", "k8s.io", "images", "ls", "-q").stdout
+        assert img.ref in direct
+        messages = [r["msg"] for r in daemon.logs()]
+        assert any(m.startswith("cri keychain: recorded") and img.ref in m for m in messages), messages
+        assert PASSWORD not in daemon.log_path.read_text()
+    finally:
+        daemon.close()
