@@ -112,6 +112,39 @@ def make_kinds_tree(root: Path, seed: int = 7) -> None:
     os.utime(root, ns=(MTIME * 10**9, MTIME * 10**9))
 
 
+# Three overlay layers, base first: whiteouts of a file and of a directory, an opaque directory, a file
+# replaced by a directory and a directory replaced by a file. Used by the FUSE and the lazy-mount tests.
+OVERLAY_TREES: dict[str, dict[str, bytes | str]] = {
+    "ov1": {
+        "a/keep.txt": b"keep\n",
+        "a/gone.txt": b"gone\n",
+        "b/old1": b"old1\n",
+        "b/sub/old2": b"old2\n",
+        "c/d/e.txt": b"e\n",
+        "f-then-dir": b"file\n",
+        "dir-then-f/x": b"x\n",
+        "link": "->a/keep.txt",
+        "same.txt": b"base version\n",
+    },
+    "ov2": {
+        "a/.wh.gone.txt": b"",
+        "a/new.txt": b"new in 2\n",
+        "b/.wh..wh..opq": b"",
+        "b/fresh": b"fresh\n",
+        "same.txt": b"second version\n",
+        ".wh.c": b"",
+    },
+    "ov3": {
+        ".wh.f-then-dir": b"",
+        "f-then-dir/inside": b"inside\n",
+        ".wh.dir-then-f": b"",
+        "dir-then-f": b"now a file\n",
+        "c/again.txt": b"c is back\n",
+        "a/.wh.new.txt": b"",
+    },
+}
+
+
 def make_files(root: Path, files: dict[str, bytes | str | None]) -> None:
     """A small tree: ``name -> bytes`` (file), ``None`` (directory), ``"->target"`` (symlink)."""
     root.mkdir(parents=True, exist_ok=True)

@@ -57,46 +57,11 @@ def usr_tar(work: Path) -> Path:
 def overlay_tars(work: Path) -> list[Path]:
     """Three layers, base first: whiteouts of a file and of a directory, an opaque directory, a file
     replaced by a directory and a directory replaced by a file."""
-    base = work / "ov1"
-    fh.make_files(
-        base,
-        {
-            "a/keep.txt": b"keep\n",
-            "a/gone.txt": b"gone\n",
-            "b/old1": b"old1\n",
-            "b/sub/old2": b"old2\n",
-            "c/d/e.txt": b"e\n",
-            "f-then-dir": b"file\n",
-            "dir-then-f/x": b"x\n",
-            "link": "->a/keep.txt",
-            "same.txt": b"base version\n",
-        },
-    )
-    mid = work / "ov2"
-    fh.make_files(
-        mid,
-        {
-            "a/.wh.gone.txt": b"",
-            "a/new.txt": b"new in 2\n",
-            "b/.wh..wh..opq": b"",
-            "b/fresh": b"fresh\n",
-            "same.txt": b"second version\n",
-            ".wh.c": b"",
-        },
-    )
-    top = work / "ov3"
-    fh.make_files(
-        top,
-        {
-            ".wh.f-then-dir": b"",
-            "f-then-dir/inside": b"inside\n",
-            ".wh.dir-then-f": b"",
-            "dir-then-f": b"now a file\n",
-            "c/again.txt": b"c is back\n",
-            "a/.wh.new.txt": b"",
-        },
-    )
-    return [fh.tar_dir(d, work / f"{d.name}.tar") for d in (base, mid, top)]
+    out = []
+    for name, files in fh.OVERLAY_TREES.items():
+        fh.make_files(work / name, files)
+        out.append(fh.tar_dir(work / name, work / f"{name}.tar"))
+    return out
 
 
 @pytest.fixture

@@ -251,39 +251,12 @@ def tars(work: Path) -> dict[str, Path]:
     out["kinds"] = fh.tar_dir(work / "kinds-src", work / "kinds.tar")
     out["usr"] = fh.tar_dir(Path("/"), work / "usr.tar", fh.usr_members(USR_PARTS))
     pad = {f"pad{i}.bin": os.urandom(20_000) for i in range(1, 4)}
-    trees = {
-        "ov1": {
-            "a/keep.txt": b"keep\n",
-            "a/gone.txt": b"gone\n",
-            "b/old1": b"old1\n",
-            "b/sub/old2": b"old2\n",
-            "c/d/e.txt": b"e\n",
-            "f-then-dir": b"file\n",
-            "dir-then-f/x": b"x\n",
-            "link": "->a/keep.txt",
-            "same.txt": b"base version\n",
-            "pad1.bin": pad["pad1.bin"],
-        },
-        "ov2": {
-            "a/.wh.gone.txt": b"",
-            "a/new.txt": b"new in 2\n",
-            "b/.wh..wh..opq": b"",
-            "b/fresh": b"fresh\n",
-            "same.txt": b"second version\n",
-            ".wh.c": b"",
-            "pad2.bin": pad["pad2.bin"],
-        },
-        "ov3": {
-            ".wh.f-then-dir": b"",
-            "f-then-dir/inside": b"inside\n",
-            ".wh.dir-then-f": b"",
-            "dir-then-f": b"now a file\n",
-            "c/again.txt": b"c is back\n",
-            "a/.wh.new.txt": b"",
-            "pad3.bin": pad["pad3.bin"],
-        },
-        "tiny": {"tiny/note.txt": b"a layer too small for a zTOC\n", "b/.wh.fresh": b""},
+    # the overlay layers, each padded with incompressible data so it spans several 64 KiB spans
+    trees: dict[str, dict[str, bytes | str]] = {
+        name: {**files, f"pad{i}.bin": pad[f"pad{i}.bin"]}
+        for i, (name, files) in enumerate(fh.OVERLAY_TREES.items(), start=1)
     }
+    trees["tiny"] = {"tiny/note.txt": b"a layer too small for a zTOC\n", "b/.wh.fresh": b""}
     for name, files in trees.items():
         fh.make_files(work / name, files)
         out[name] = fh.tar_dir(work / name, work / f"{name}.tar")
