@@ -308,6 +308,7 @@ class ThreadedSession:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._nursery: trio.Nursery | None = None
 
     def start(self, timeout: float = 30.0) -> ThreadedSession:
         """Mount and start serving; returns once the mount exists.
@@ -337,7 +338,15 @@ class ThreadedSession:
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
-            self._session = await nursery.start(serve_layers, self.mountpoint, self.options)
+
+            async def serve(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+                try:
+                    await serve_layers(self.mountpoint, self.options, task_status=task_status)
+                finally:  # the session ended: so do the services started beside it
+                    nursery.cancel_scope.cancel()
+
+            self._session = await nursery.start(serve)
+            self._nursery = nursery
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
 
@@ -352,6 +361,14 @@ class ThreadedSession:
         For objects that must live on that loop, e.g. opening a ``RemoteLayer`` before adding it.
         """
         return self._call(afn, *args)
+
+    def start_service(self, serve: Callable[..., Any]) -> Any:
+        """Start ``serve(task_status=...)`` (trio's ``nursery.start`` protocol) beside the session, on its
+        loop; it is cancelled when the session ends. Returns the value ``serve`` passed to ``started``."""
+        nursery = self._nursery
+        if nursery is None:
+            raise FailedPrecondition("the FUSE session is not running")
+        return self._call(nursery.start, serve)
 
     def add_layer(self, name: str | bytes, layer: Ztoc | InodeTree, data: LayerData, **kw: Any) -> Path:
         """Thread-safe :meth:`Session.add_layer` (same keyword arguments)."""

@@ -13,8 +13,10 @@ snapshot without parents (``rw``/``ro`` + ``rbind``) and for a view of exactly o
 Remote layers: :class:`LayerProvider` is the hook through which Prepare will hand a layer-unpack snapshot
 (labels carry ``containerd.io/snapshot.ref``) to the lazy/local layer machinery. When the provider reports
 the layer ready, the core commits the snapshot under the ref name and raises ``AlreadyExists`` (gRPC
-ALREADY_EXISTS), which tells containerd not to download the layer. No provider is wired in yet, so every
-Prepare is a plain local snapshot.
+ALREADY_EXISTS), which tells containerd not to download the layer. The daemon's provider is
+:class:`soci_grpc.layers.RemoteLayers`; a provider that raises something unexpected is logged and the layer is
+left to containerd (Prepare then returns the ordinary mounts). Cleanup tells the provider which snapshots are
+gone (``release_layer``) before their directories are removed, so lazy layers are unmounted first.
 
 Will not: pull or unpack layers, mount anything (containerd mounts what we return), or know about grpc.
 """
@@ -26,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +82,8 @@ class LayerProvider(Protocol):
     """
 
     def provide_layer(self, request: LayerRequest) -> LayerResult | None: ...
+
+    def release_layer(self, snapshot_id: str) -> None: ...
 
 
 class Snapshotter:
@@ -155,7 +160,11 @@ class Snapshotter:
         req = LayerRequest(
             key, ref, s.id, self.fs_dir(s.id), tuple(self.fs_dir(p) for p in s.parent_ids), dict(labels)
         )
-        result = self.layer_provider.provide_layer(req)
+        try:
+            result = self.layer_provider.provide_layer(req)
+        except Exception:
+            log.exception("layer provider failed; leaving the layer to containerd", extra={"key": key})
+            result = None
         if result is None:
             return
         try:
@@ -213,12 +222,31 @@ class Snapshotter:
                 return disk_usage(self.fs_dir(sid))
             return stored
 
+    def remote_snapshots(self, label: str) -> list[tuple[str, Path, dict[str, str]]]:
+        """``(id, fs dir, labels)`` of each committed snapshot carrying ``label`` (to serve them again)."""
+        out = []
+        with self.ms.transaction() as tx:
+            for info in tx.walk():
+                if info.kind == Kind.COMMITTED and label in info.labels:
+                    sid = tx.info(info.name)[0]
+                    out.append((sid, self.fs_dir(sid), dict(info.labels)))
+        return out
+
     def cleanup(self) -> list[str]:
         """Remove every directory under ``snapshots/`` that belongs to no snapshot; returns their names."""
         with self.ms.transaction() as tx:
             ids = tx.ids()
             stale = sorted(d.name for d in self.snapshots_dir.iterdir() if d.name not in ids)
         for name in stale:
+            if self.layer_provider is not None:
+                try:
+                    self.layer_provider.release_layer(name)
+                except Exception:
+                    log.exception("layer provider failed to release snapshot %s", name)
+            fs = self.fs_dir(name)
+            if os.path.ismount(fs):
+                log.warning("snapshot directory %s is still a mountpoint; detaching it", fs)
+                subprocess.run(["umount", "-l", str(fs)], capture_output=True, check=False)
             shutil.rmtree(self.snapshots_dir / name, ignore_errors=True)
         if stale:
             log.debug("cleaned up snapshot directories", extra={"dirs": ",".join(stale)})
@@ -268,10 +296,13 @@ _KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "commit
 
 def _field(info: Info, path: tuple[str, ...]) -> tuple[str, bool]:
     head, rest = path[0], path[1:]
+    # name and parent are always "present" (containerd's snapshot adaptor): ``parent==""`` selects the
+    # snapshots without a parent, which containerd's metadata layer relies on to find a remote layer at the
+    # bottom of an image after an ALREADY_EXISTS
     if head == "name" and not rest:
-        return info.name, bool(info.name)
+        return info.name, True
     if head == "parent" and not rest:
-        return info.parent, bool(info.parent)
+        return info.parent, True
     if head == "kind" and not rest:
         return _KIND_NAMES.get(info.kind, ""), True
     if head == "labels" and rest:

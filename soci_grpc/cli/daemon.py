@@ -11,11 +11,14 @@ upstream). Logging is configured only when :func:`main` runs as the program (``a
 
 With no subcommand it serves: creates ``<root>`` (0700) and ``<root>/snapshotter``, listens on the unix
 socket of ``--address`` (a path or ``unix://<path>``; parent directory created 0700, a stale socket removed,
-the socket chmod 0660), serves containerd's snapshots service (:mod:`soci_grpc.service`) for local overlay
-snapshots, logs ``soci-snapshotter-grpc successfully started``, tells systemd ``READY=1`` when
-``NOTIFY_SOCKET`` is set (``STOPPING=1`` on the way out), and stops cleanly on SIGINT or SIGTERM.
-
-Will not yet: ``fd://`` socket activation, remote (lazy) layers, metrics/debug listeners.
+the socket chmod 0660). Before listening it detaches mounts a previous run left under
+``<root>/snapshotter/snapshots`` and ``<root>/fuse``, mounts the FUSE session of the lazy layers
+(:mod:`soci_grpc.layers`) and serves the remote snapshots of the previous run again. Then it serves
+containerd's snapshots service (:mod:`soci_grpc.service`) with remote layers, the debug service
+(:mod:`soci_grpc.debug`) and, with ``[cri_keychain] enable_keychain``, the CRI image service proxy; logs
+``soci-snapshotter-grpc successfully started``, tells systemd ``READY=1`` when ``NOTIFY_SOCKET`` is set
+(``STOPPING=1`` on the way out). SIGINT and SIGTERM stop it cleanly: every lazy layer and the FUSE session
+are unmounted (running containers lose their lazy lower layers; the next start serves them again).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import threading
 from concurrent import futures
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from soci_fs.errors import InvalidArgument, SociError
@@ -245,29 +249,46 @@ def _listen_path(path: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import grpc
 
-    from soci_grpc import cri_proxy, service
+    from soci_grpc import cri_proxy, debug, service
+    from soci_grpc.cli.cmd_mount import mount_options
     from soci_grpc.keychain.factory import build_chain
+    from soci_grpc.layers import LABEL_REMOTE, RemoteLayers, unmount_all_under
     from soci_grpc.snapshotter import Snapshotter
 
-    log.info("starting %s", PROG, extra={"version": _version().rsplit(" ", 1)[-1], "revision": ""})
+    version = _version().rsplit(" ", 1)[-1]
+    log.info("starting %s", PROG, extra={"version": version, "revision": ""})
     cfg = configmod.load(args.config)
     log.debug("configuration loaded from %s", cfg.source or "defaults")
     path = socket_path(args.address)
     root = os.path.abspath(args.root)
     os.makedirs(root, mode=0o700, exist_ok=True)
-    keychains = build_chain(cfg)  # Docker config always; CRI store and Kubernetes secrets when enabled
-    core = Snapshotter(os.path.join(root, "snapshotter"))
+    os.chmod(root, 0o700)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    # containerd allows 16 MiB messages; CRI image lists can be large.
-    limits = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"), options=limits
-    )
+    keychains = build_chain(cfg)  # Docker config always; CRI store and Kubernetes secrets when enabled
+    layers = RemoteLayers(root, cfg, keychains.chain)
+    core: Snapshotter | None = None
+    server = None
     proxy = None
     try:
+        # mounts left by a previous run (killed, or stopped without unmounting) are dead: detach them
+        stale = unmount_all_under(Path(root) / "snapshotter" / "snapshots")
+        if stale:
+            log.info("detached %d stale snapshot mount(s) of a previous run", stale)
+        layers.start(mount_options(cfg))
+        core = Snapshotter(os.path.join(root, "snapshotter"), layer_provider=layers)
+        remote = core.remote_snapshots(LABEL_REMOTE)
+        if remote:
+            restored = layers.restore(remote)
+            log.info("restored %d of %d remote snapshot(s)", restored, len(remote))
+        # containerd allows 16 MiB messages; CRI image lists can be large.
+        limits = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"), options=limits
+        )
         service.add_to_server(core, server)
+        debug.add_to_server(server, debug.DebugService(layers, keychains.chain, version))
         if keychains.cri is not None:  # [cri_keychain] enable_keychain: the kubelet's image service endpoint
             proxy = cri_proxy.add_to_server(server, keychains.cri, cfg.cri_keychain.image_service_path)
         _listen_path(path)
@@ -281,11 +302,14 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("shutting down %s", PROG)
         sd_notify("STOPPING=1")
     finally:
-        server.stop(grace=2).wait()
+        if server is not None:
+            server.stop(grace=2).wait()
         if proxy is not None:
             proxy.close()
+        layers.close()  # unmounts every lazy layer and the FUSE session
         keychains.stop()
-        core.close()
+        if core is not None:
+            core.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     log.info("%s stopped", PROG)

@@ -124,8 +124,14 @@ class LayoutBuilder:
         platform: Platform = AMD64,
         manifest_media_type: str = MT_MANIFEST,
         config_media_type: str = MT_CONFIG,
+        diff_ids: list[str] | None = None,
+        config: dict | None = None,
     ) -> Descriptor:
-        cfg = {"architecture": platform.architecture, "os": platform.os, "rootfs": {"type": "layers"}}
+        cfg: dict = {"architecture": platform.architecture, "os": platform.os, "rootfs": {"type": "layers"}}
+        if diff_ids is not None:  # containerd's unpacker needs them; older tests leave them out
+            cfg["rootfs"]["diff_ids"] = diff_ids
+        if config:
+            cfg["config"] = config
         if platform.variant:
             cfg["variant"] = platform.variant
         c = self.blob(compact(cfg), config_media_type)

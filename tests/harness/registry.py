@@ -394,10 +394,13 @@ def _proxy_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
             self.send_response(status)
+            length = str(len(body))
             for k, v in headers.items():
-                if k.lower() not in _HOP and k.lower() != "content-length":
+                if k.lower() == "content-length" and self.command == "HEAD":
+                    length = v  # a HEAD answer has no body but tells the size (containerd resolves with it)
+                elif k.lower() not in _HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", length)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
