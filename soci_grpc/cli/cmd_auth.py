@@ -3,8 +3,13 @@
 Owns the command line of the ``auth`` group. It builds the same chain the daemon builds (Docker config
 always; Kubernetes secrets when ``--kubeconfig`` or ``--kubernetes`` is given), evaluates every source
 *in this process* and prints each answer (user name, kind, origin, expiry — never a secret) and the chain's
-pick. The CRI keychain lives in the daemon's memory, so it is listed but not evaluated; asking the running
-daemon is future work and the output says so.
+pick.
+
+The running daemon is asked first (its debug service on ``--snapshotter-address``), so the answer is the
+daemon's own chain, CRI credentials recorded by its proxy included (redacted the same way). With
+``--local``, with ``--docker-config``/``--kubeconfig``/``--kubernetes`` (questions about particular files), or
+when no daemon answers, this process evaluates the local sources itself and its header says so; the CRI
+keychain is then listed but not evaluated (it lives in the daemon's memory).
 
 With ``--check`` it then asks the registry for REF's manifest (HEAD) through the registry client with the
 same chain, so the token handshake runs with the picked credentials, and reports whether the registry
@@ -18,9 +23,11 @@ import argparse
 import sys
 import time
 
-from soci_fs.errors import SociError, Unauthenticated, Unavailable
+from soci_fs.errors import NotFound, SociError, Unauthenticated, Unavailable
 from soci_fs.registry import reference
 from soci_fs.registry.reference import registry_host
+from soci_grpc import debug
+from soci_grpc.cli.cmd_debug import snapshotter_address_flag
 from soci_grpc.cli.common import EXIT_UNAUTHENTICATED, EXIT_UNAVAILABLE
 from soci_grpc.keychain.chain import CredentialChain
 from soci_grpc.keychain.docker_config import DockerConfigKeychain, split_reference
@@ -80,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also ask the registry for REF's manifest with the picked credentials (token handshake)",
     )
     e.add_argument("--plain-http", action="store_true", help="with --check: use http for the registry")
+    e.add_argument(
+        "--local", action="store_true", help="do not ask the running daemon; evaluate the local sources here"
+    )
+    snapshotter_address_flag(e)
     e.set_defaults(func=run_explain)
 
 
@@ -88,9 +99,28 @@ def _usage(args: argparse.Namespace) -> int:
     return 2
 
 
+def _ask_daemon(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The daemon's explanation text, or ``(None, why not)``."""
+    if args.local or args.docker_config or args.kubeconfig or args.kubernetes:
+        return None, ""
+    try:
+        answer = debug.call(args.snapshotter_address, "ExplainAuth", {"ref": args.ref})
+    except (NotFound, Unavailable) as exc:
+        return None, f"no daemon answered ({exc})"
+    return str(answer.get("text", "")), ""
+
+
 def run_explain(args: argparse.Namespace) -> int:
     ref = split_reference(args.ref)
     host = registry_host(ref.host)
+    text, why_local = _ask_daemon(args)
+    if text is not None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if args.check:
+            docker = DockerConfigKeychain(None, helpers=HelperRunner(timeout=args.helper_timeout))
+            return _check(CredentialChain(docker, None, None), str(ref), plain_http=args.plain_http)
+        return 0
     docker = DockerConfigKeychain(args.docker_config, helpers=HelperRunner(timeout=args.helper_timeout))
     kube: KubeSecretKeychain | None = None
     notes = {"cri": "lives in the daemon's memory; not visible to this process"}
@@ -100,7 +130,7 @@ def run_explain(args: argparse.Namespace) -> int:
         )
     else:
         notes["kubernetes-secrets"] = "disabled; give --kubeconfig PATH or --kubernetes to evaluate it"
-    header = LOCAL_HEADER
+    header = LOCAL_HEADER if not why_local else f"{LOCAL_HEADER}; {why_local}"
     try:
         if kube is not None:
             kube.start()

@@ -27,6 +27,8 @@ from soci_grpc.cli import (
     cmd_base,
     cmd_convert,
     cmd_create,
+    cmd_debug,
+    cmd_image,
     cmd_index,
     cmd_mount,
     cmd_push,
@@ -118,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_rebuild_db.register(sub, parents)
     cmd_push.register(sub)
     cmd_auth.register(sub)
+    cmd_debug.register(sub)
     cmd_mount.register(sub, parents)
+    cmd_image.register(sub, parents)
     return parser
 
 
