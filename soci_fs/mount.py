@@ -76,6 +76,8 @@ class MountOptions:
     opaque_keys: tuple[bytes, ...] = (OPAQUE_TRUSTED,)
     debug: bool = False
     verify: bool = True  # check a file's tar header before its first read (config disable_verification)
+    # ``observer(operation, seconds, errno)`` after every FUSE request (errno 0 on success): metrics
+    observer: Callable[[str, float, int], None] | None = None
 
     def fuse_options(self) -> set[str]:
         opts = {f"fsname={self.fsname}", f"subtype={self.fsname}", "ro"}
@@ -265,6 +267,7 @@ async def serve_layers(
             attr_timeout=options.attr_timeout,
             negative_timeout=options.negative_timeout,
         )
+        ops.observer = options.observer
         pyfuse3.init(ops, str(mp), options.fuse_options())
         log.info("mounted the FUSE session at %s", mp)
         session = Session(mp, ops, options)

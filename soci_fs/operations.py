@@ -346,6 +346,19 @@ def _guard(by: str) -> Callable[[_F], _F]:
 
         @functools.wraps(fn)
         async def wrapper(self: LayerOperations, *args: Any) -> Any:
+            observer = self.observer
+            if observer is None:
+                return await _answer(self, args)
+            t0 = time.perf_counter()
+            try:
+                result = await _answer(self, args)
+            except pyfuse3.FUSEError as exc:
+                _observe(observer, op, time.perf_counter() - t0, exc.errno)
+                raise
+            _observe(observer, op, time.perf_counter() - t0, 0)
+            return result
+
+        async def _answer(self: LayerOperations, args: tuple[Any, ...]) -> Any:
             try:
                 return await fn(self, *args)
             except pyfuse3.FUSEError:
@@ -368,6 +381,13 @@ def _guard(by: str) -> Callable[[_F], _F]:
         return wrapper  # type: ignore[return-value]
 
     return deco
+
+
+def _observe(observer: Callable[[str, float, int], None], op: str, seconds: float, num: int) -> None:
+    try:
+        observer(op, seconds, num)
+    except Exception:  # metrics must not change the answer
+        log.debug("FUSE observer failed for %s", op, exc_info=True)
 
 
 async def _erofs_async(self: Any, *_args: Any) -> Any:
@@ -404,6 +424,7 @@ class LayerOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._root_mtime_ns = time.time_ns()
+        self.observer: Callable[[str, float, int], None] | None = None  # (operation, seconds, errno)
 
     # ---- layer bookkeeping (called by mount.Session on the trio loop)
 

@@ -372,11 +372,13 @@ async def open_layer(
     local_span_size: int = LOCAL_SPAN_SIZE,
     wrap_fetch: Callable[[Fetch], Fetch] | None = None,
     check_header: bool = True,
+    metrics: Callable[[str, float], None] | None = None,
 ) -> OpenedLayer:
     """Open one layer on the trio loop: lazily through its zTOC, or locally (whole blob) without one.
 
     ``wrap_fetch`` lets a caller (tests, metrics) see or alter every remote fetch. ``check_header=False``
     opens a lazy layer with no network at all (a restart while the registry is away: reads fetch later).
+    ``metrics`` is the lazy layer's ``metrics(name, value)`` hook (see ``soci_fs.spans``).
 
     Raises:
         SociError: see the module docstring; a lazy layer's gzip header is fetched and checked unless all its
@@ -392,7 +394,9 @@ async def open_layer(
         fetch = blob_fetch(source.client, source.ref, desc)
         if wrap_fetch is not None:
             fetch = wrap_fetch(fetch)
-        data = await RemoteLayer.open(plan.ztoc, fetch, desc.digest, cache, check_header=check_header, **kw)
+        data = await RemoteLayer.open(
+            plan.ztoc, fetch, desc.digest, cache, check_header=check_header, metrics=metrics, **kw
+        )
         return OpenedLayer(plan, plan.ztoc, data, lazy=True)
     path, got = await trio.to_thread.run_sync(source.download_layer, desc)
     z = await trio.to_thread.run_sync(_local_ztoc, path, desc, local_span_size)

@@ -70,7 +70,6 @@ from soci_fs.registry import reference
 from soci_fs.registry.client import Descriptor, RegistryClient
 from soci_fs.registry.credentials import Credential
 from soci_fs.remote import HOW_EXPLICIT, ImagePlan, ImageSource, LayerPlan, OpenedLayer, open_layer
-from soci_fs.spanread import Fetch
 from soci_fs.spans import SpanConfig
 from soci_fs.store import ContentStore
 from soci_grpc.snapshotter import LayerRequest, LayerResult
@@ -226,7 +225,9 @@ class RemoteLayers:
         root: the daemon root; uses ``<root>/fuse``, ``<root>/cache`` and ``<root>/content``.
         config: the daemon's :class:`~soci_grpc.config.Config`.
         credential: the credential chain, ``(host, ref) -> Credentials | None``.
-        metrics: optional :class:`~soci_grpc.metrics.DaemonMetrics`-like object (duck-typed).
+        metrics: optional :class:`~soci_grpc.metrics.DaemonMetrics` (registry responses and token fetches
+            per host, span fetches and cache hits through the layers' hooks, fallbacks, mount failures,
+            mounted layers and images).
     """
 
     def __init__(
@@ -265,7 +266,10 @@ class RemoteLayers:
         self._cache = BlockCache(self.root, CacheConfig.from_section(self.cfg.directory_cache))
         session = ThreadedSession(self.fuse_dir, mount_options or MountOptions()).start()
         self._session = session
-        self._fetcher = BackgroundFetcher(BackgroundConfig.from_section(self.cfg.background_fetch))
+        self._fetcher = BackgroundFetcher(
+            BackgroundConfig.from_section(self.cfg.background_fetch),
+            metrics=self.metrics.hook() if self.metrics is not None else None,
+        )
         session.start_service(self._fetcher.serve)
 
         async def limiters() -> tuple[trio.CapacityLimiter, trio.CapacityLimiter]:
@@ -309,6 +313,9 @@ class RemoteLayers:
                 client = RegistryClient(
                     self.credential, config=self.registry_config, ref=str(ref), pool_maxsize=64
                 )
+                if self.metrics is not None:
+                    client.on_response = self.metrics.registry_status
+                    client.auth.on_token_fetch = self.metrics.token_refresh
                 by_digest = ref.with_object(tag=ref.tag, digest=manifest)
                 img = _Image(ref, manifest, client, ImageSource(client, by_digest, self.content))
                 self._images[manifest] = img
@@ -426,7 +433,7 @@ class RemoteLayers:
             log.warning("layer %s: %s; unpacking it locally", digest, detail, extra={"key": request.key})
             self._count_fallback(MOUNT_FAILED)
             if self.metrics is not None:
-                _call(self.metrics, "fuse_mount_failure")
+                _call(self.metrics, "mount_failure", "lazy", digest)
             return self._local(request, img, idx, lp, MOUNT_FAILED, detail, logged=True)
         self._record(
             request.snapshot_id,
@@ -470,8 +477,8 @@ class RemoteLayers:
                     span_config=self.span_config,
                     fetch_limiter=fetch_limiter,
                     inflate_limiter=inflate_limiter,
-                    wrap_fetch=self._wrap_fetch,
                     check_header=check_header,
+                    metrics=self.metrics.hook(lp.descriptor.digest) if self.metrics is not None else None,
                 )
             try:
                 path = await session.session.add_layer(sid, layer.ztoc, layer.data, **layer.serve_options())
@@ -503,18 +510,6 @@ class RemoteLayers:
             with contextlib.suppress(SociError, trio.RunFinishedError, RuntimeError):
                 session.call(drop)
         layer.close()
-
-    def _wrap_fetch(self, fetch: Fetch) -> Fetch:
-        metrics = self.metrics
-        if metrics is None:
-            return fetch
-
-        def counted(start: int, end: int) -> bytes:
-            data = fetch(start, end)
-            _call(metrics, "fetched", len(data))
-            return data
-
-        return counted
 
     def _local(
         self,
@@ -561,7 +556,7 @@ class RemoteLayers:
             )
             self._count_fallback(LOCAL_FAILED)
             if self.metrics is not None:
-                _call(self.metrics, "local_mount_failure")
+                _call(self.metrics, "mount_failure", "local", desc.digest)
             self._record(
                 request.snapshot_id,
                 img,
@@ -607,6 +602,33 @@ class RemoteLayers:
     def _record(self, sid: str, img: _Image, rec: LayerRecord) -> None:
         with self._lock:
             self._records[img.manifest].layers[sid] = rec
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        counts = self.served_count()
+        for mode, n in counts.items():
+            _call(self.metrics, "set_mounted_layers", mode, n)
+        with self._lock:
+            images = sum(
+                1
+                for r in self._records.values()
+                if any(x.mode in ("lazy", "local") for x in r.layers.values())
+            )
+        _call(self.metrics, "set_images", images)
+
+    def layer_stats(self) -> list[Any]:
+        """Per lazy layer ``(digest, mountpoint, fetched bytes, size)`` for the metrics' live families."""
+        from soci_grpc.metrics import LayerStat
+
+        with self._lock:
+            served = list(self._served.values())
+        return [
+            LayerStat(s.opened.digest, str(s.mountpoint), s.opened.data.fetched_size(), s.opened.size)
+            for s in served
+            if s.opened is not None
+        ]
 
     # ---- removal and restart
 
@@ -622,6 +644,7 @@ class RemoteLayers:
             detach(served.mountpoint)
         if served.opened is not None:
             self._drop_from_session(snapshot_id, served.opened)
+        self._update_gauges()
         log.info("released layer of snapshot %s", snapshot_id)
 
     def restore(self, snapshots: Iterable[tuple[str, Path, Mapping[str, str]]]) -> int:

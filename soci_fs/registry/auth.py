@@ -31,6 +31,7 @@ driver does that for every request it sends, token requests included), follow re
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import threading
@@ -321,6 +322,7 @@ class Authenticator:
         self._handlers: dict[str, _Basic | _Bearer] = {}
         self._tokens: dict[tuple[str, str], Token] = {}
         self._pending: dict[tuple[str, str], PendingToken] = {}
+        self.on_token_fetch: Callable[[str], None] | None = None  # metrics: a token fetch for host
         self._stats = {
             "token_fetches": 0,
             "token_failures": 0,
@@ -506,6 +508,9 @@ class Authenticator:
         creds = self._read_credentials(host)
         with self._lock:
             self._stats["token_fetches"] += 1
+        if self.on_token_fetch is not None:
+            with contextlib.suppress(Exception):  # metrics must not change the flow
+                self.on_token_fetch(host)
         if creds is not None and creds.registry_token:
             return self._make_token(creds.registry_token, None)
         username = ""

@@ -307,6 +307,8 @@ class RegistryClient:
         self.session = session
         self._stats_lock = threading.Lock()
         self._stats = {"requests": 0, "retries": 0, "redirects": 0, "url_refreshes": 0}
+        # ``on_response(host, status)`` after every HTTP response (metrics); never given headers or bodies
+        self.on_response: Callable[[str, int], None] | None = None
 
     # ---- lifecycle and introspection
 
@@ -396,6 +398,11 @@ class RegistryClient:
                 "%s %s -> %d (attempt %d)", req.method, redact_url(req.url), resp.status_code, attempt + 1
             )
             resp._soci_attempts = attempt + 1  # type: ignore[attr-defined]
+            if self.on_response is not None:
+                try:
+                    self.on_response(urlsplit(req.url).netloc, resp.status_code)
+                except Exception:  # metrics must not change the request
+                    log.debug("on_response hook failed", exc_info=True)
             if _retryable_status(resp.status_code) and attempt < retry.max_retries:
                 retry_after = None
                 if resp.status_code in (429, 503):

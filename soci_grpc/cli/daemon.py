@@ -15,7 +15,9 @@ the socket chmod 0660). Before listening it detaches mounts a previous run left 
 ``<root>/snapshotter/snapshots`` and ``<root>/fuse``, mounts the FUSE session of the lazy layers
 (:mod:`soci_grpc.layers`) and serves the remote snapshots of the previous run again. Then it serves
 containerd's snapshots service (:mod:`soci_grpc.service`) with remote layers, the debug service
-(:mod:`soci_grpc.debug`) and, with ``[cri_keychain] enable_keychain``, the CRI image service proxy; logs
+(:mod:`soci_grpc.debug`) and, with ``[cri_keychain] enable_keychain``, the CRI image service proxy; with
+``metrics_address`` set, Prometheus metrics (:mod:`soci_grpc.metrics`: FUSE operations and latency, fetches,
+cache hits, registry statuses and token fetches per host, credential sources, fallbacks); logs
 ``soci-snapshotter-grpc successfully started``, tells systemd ``READY=1`` when ``NOTIFY_SOCKET`` is set
 (``STOPPING=1`` on the way out). SIGINT and SIGTERM stop it cleanly: every lazy layer and the FUSE session
 are unmounted (running containers lose their lazy lower layers; the next start serves them again).
@@ -35,6 +37,7 @@ import stat
 import sys
 import threading
 from concurrent import futures
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -246,10 +249,20 @@ def _listen_path(path: str) -> None:
     os.unlink(path)
 
 
+def _fuse_observer(metrics: Any) -> Any:
+    def observe(op: str, seconds: float, num: int) -> None:
+        metrics.fuse_op(op, seconds)
+        if num:
+            metrics.fuse_error(op, num)
+
+    return observe
+
+
 def _serve(args: argparse.Namespace) -> int:
     import grpc
 
     from soci_grpc import cri_proxy, debug, service
+    from soci_grpc import metrics as metricsmod
     from soci_grpc.cli.cmd_mount import mount_options
     from soci_grpc.keychain.factory import build_chain
     from soci_grpc.layers import LABEL_REMOTE, RemoteLayers, unmount_all_under
@@ -267,7 +280,18 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     keychains = build_chain(cfg)  # Docker config always; CRI store and Kubernetes secrets when enabled
-    layers = RemoteLayers(root, cfg, keychains.chain)
+    metrics = metricsmod.DaemonMetrics()
+    chain = keychains.chain
+
+    def credential(host: str, ref: str) -> Any:
+        creds = chain(host, ref)
+        answer = chain.last_answer(host)
+        metrics.credential_hit((answer.source if answer is not None else "") or "none")
+        return creds
+
+    layers = RemoteLayers(root, cfg, credential, metrics)
+    metrics.layers(layers.layer_stats)
+    metrics_server = None
     core: Snapshotter | None = None
     server = None
     proxy = None
@@ -276,7 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
         stale = unmount_all_under(Path(root) / "snapshotter" / "snapshots")
         if stale:
             log.info("detached %d stale snapshot mount(s) of a previous run", stale)
-        layers.start(mount_options(cfg))
+        layers.start(replace(mount_options(cfg), observer=_fuse_observer(metrics)))
         core = Snapshotter(os.path.join(root, "snapshotter"), layer_provider=layers)
         remote = core.remote_snapshots(LABEL_REMOTE)
         if remote:
@@ -291,6 +315,9 @@ def _serve(args: argparse.Namespace) -> int:
         debug.add_to_server(server, debug.DebugService(layers, keychains.chain, version))
         if keychains.cri is not None:  # [cri_keychain] enable_keychain: the kubelet's image service endpoint
             proxy = cri_proxy.add_to_server(server, keychains.cri, cfg.cri_keychain.image_service_path)
+        metrics_server = metricsmod.from_config(cfg, metrics.registry)
+        if metrics_server is not None:
+            log.info("serving metrics on %s", metrics_server.where)
         _listen_path(path)
         if server.add_insecure_port("unix:" + path) == 0:
             raise InvalidArgument(f"failed to listen on {path!r}")
@@ -306,6 +333,8 @@ def _serve(args: argparse.Namespace) -> int:
             server.stop(grace=2).wait()
         if proxy is not None:
             proxy.close()
+        if metrics_server is not None:
+            metrics_server.close()
         layers.close()  # unmounts every lazy layer and the FUSE session
         keychains.stop()
         if core is not None:

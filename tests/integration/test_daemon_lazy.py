@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from soci_grpc import debug
 from soci_grpc._proto.cri import api_pb2
 from tests.fs.ocigen import Entry
 from tests.harness.containerd import CONTAINERD_BIN, Containerd
-from tests.harness.registry import PASSWORD, USER, FaultProxy, Registry
+from tests.harness.registry import PASSWORD, USER, FaultProxy, Registry, free_port
 from tests.integration.sociimg import Pushed, base_entries, data_entries, docker_config, push_image
 from tests.integration.test_containerd_snapshots import Daemon
 
@@ -99,11 +100,17 @@ def rig_factory(
         """``top``: top-level config keys (they must come before any table)."""
         proxy = fault_proxy(htpasswd_registry)
         d = Daemon(tmp_path / f"soci{len(daemons)}")
-        ctrd = containerd_factory(registries=[proxy.host], proxy_socket=d.socket, snapshotter="soci")
+        ctrd_dir = tmp_path / f"containerd{len(daemons)}"
+        ctrd_dir.mkdir()
         if cri_keychain:
-            tables += f'\n[cri_keychain]\nenable_keychain = true\nimage_service_path = "{ctrd.address}"\n'
+            sock = ctrd_dir / "containerd.sock"
+            tables += f'\n[cri_keychain]\nenable_keychain = true\nimage_service_path = "{sock}"\n'
+        # the daemon first: containerd dials its proxy snapshotter once at start and then backs off
         d.start(config=top + FAST + tables)
         daemons.append(d)
+        ctrd = containerd_factory(
+            workdir=ctrd_dir, registries=[proxy.host], proxy_socket=d.socket, snapshotter="soci"
+        )
         return Rig(proxy, d, ctrd)
 
     try:
@@ -128,8 +135,27 @@ def lazy_image(registry_host: str, registry: Registry, work: Path, **kw: Any) ->
     return img
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's /metrics as ``{(name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
 def test_cri_pull_is_lazy_and_the_container_runs(rig_factory: Callable[..., Rig], tmp_path: Path) -> None:
-    rig = rig_factory()
+    port = free_port()
+    rig = rig_factory(f'metrics_address = "127.0.0.1:{port}"\n')
     img = lazy_image(rig.proxy.host, rig.proxy.upstream, tmp_path, min_layer_size=4096)
     t0 = time.monotonic()
     image_id = cri_pull(rig.daemon.socket, img.ref)  # through our CRI proxy: credentials recorded
@@ -174,6 +200,22 @@ def test_cri_pull_is_lazy_and_the_container_runs(rig_factory: Callable[..., Rig]
     assert elapsed < 120
     assert PASSWORD not in rig.daemon.log_path.read_text()
 
+    m = scrape(port)
+    assert total(m, "soci_fuse_operations_total", operation="read") > 0
+    assert total(m, "soci_fuse_operations_total", operation="lookup") > 0
+    assert total(m, "soci_fetched_bytes_total") > 0
+    assert total(m, "soci_fallbacks_total", reason="no_ztoc") == 1
+    assert total(m, "soci_credential_source_hits_total", source="cri") > 0
+    assert total(m, "soci_registry_responses_total", status="206") > 0
+    assert total(m, "soci_mounted_layers", mode="lazy") == 2
+    assert total(m, "soci_mounted_layers", mode="local") == 1
+
+    # SIGTERM: everything the daemon mounted is unmounted
+    assert rig.daemon.stop() == 0
+    root = str(rig.daemon.root)
+    left = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if root in line]
+    assert left == []
+
 
 def test_image_without_index_is_left_to_containerd(rig_factory: Callable[..., Rig], tmp_path: Path) -> None:
     rig = rig_factory()
@@ -212,6 +254,7 @@ def test_docker_config_credentials_alone(rig_factory: Callable[..., Rig], tmp_pa
     st = rig.image(img.manifest)
     assert {x["mode"] for x in st["layers"]} == {"lazy"}, st
     run = rig.containerd.ctr(
-        "-n", "k8s.io", "run", "--rm", "--snapshotter", "soci", img.ref, "dc1", "/bin/cat", "/etc/top.txt"
+        "-n", "k8s.io", "run", "--rm", "--snapshotter", "soci", img.ref, "dc1", "/bin/cat", "/etc/top.txt",
+        check=False,
     )
-    assert run.stdout == "top layer\n"
+    assert run.stdout == "top layer\n", (run.stderr, rig.status())
