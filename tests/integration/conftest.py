@@ -10,3 +10,4 @@ from tests.harness.registry import (  # noqa: F401  (pytest finds fixtures by na
     token_registry,
     token_server,
 )
+from tests.integration.test_daemon_lazy import rig_factory  # noqa: F401  (daemon + containerd + proxy)

@@ -74,6 +74,11 @@ def cri_pull(socket: str, ref: str, *, user: str = USER, password: str = PASSWOR
     return api_pb2.PullImageResponse.FromString(raw).image_ref
 
 
+def plain_cri_pull(rig: Rig, ref: str) -> str:
+    """``PullImage`` straight to containerd's CRI (not through our proxy): the daemon gets no credentials."""
+    return cri_pull(rig.containerd.address, ref)
+
+
 @dataclass
 class Rig:
     proxy: FaultProxy
@@ -246,15 +251,20 @@ def test_docker_config_credentials_alone(rig_factory: Callable[..., Rig], tmp_pa
     rig = rig_factory(f'docker_config = "{cfg}"\n', cri_keychain=False)
     docker_config(cfg, rig.proxy.host)
     img = lazy_image(rig.proxy.host, rig.proxy.upstream, tmp_path)
-    with grpc.insecure_channel("unix://" + rig.containerd.address) as ch:  # straight to containerd's CRI
-        req = api_pb2.PullImageRequest(
-            image=api_pb2.ImageSpec(image=img.ref), auth=api_pb2.AuthConfig(username=USER, password=PASSWORD)
-        )
-        ch.unary_unary(f"/{CRI}/PullImage")(req.SerializeToString(), timeout=120)
+    plain_cri_pull(rig, img.ref)
     st = rig.image(img.manifest)
     assert {x["mode"] for x in st["layers"]} == {"lazy"}, st
     run = rig.containerd.ctr(
-        "-n", "k8s.io", "run", "--rm", "--snapshotter", "soci", img.ref, "dc1", "/bin/cat", "/etc/top.txt",
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "soci",
+        img.ref,
+        "dc1",
+        "/bin/cat",
+        "/etc/top.txt",
         check=False,
     )
     assert run.stdout == "top layer\n", (run.stderr, rig.status())
