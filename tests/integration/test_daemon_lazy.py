@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import pytest
 from soci_grpc import debug
 from soci_grpc._proto.cri import api_pb2
 from tests.fs.ocigen import Entry
+from tests.grpc.clihelp import SOCI_EXE
 from tests.harness.containerd import CONTAINERD_BIN, Containerd
 from tests.harness.registry import PASSWORD, USER, FaultProxy, Registry, free_port
 from tests.integration.sociimg import Pushed, base_entries, data_entries, docker_config, push_image
@@ -214,6 +216,19 @@ def test_cri_pull_is_lazy_and_the_container_runs(rig_factory: Callable[..., Rig]
     assert total(m, "soci_registry_responses_total", status="206") > 0
     assert total(m, "soci_mounted_layers", mode="lazy") == 2
     assert total(m, "soci_mounted_layers", mode="local") == 1
+
+    # the operator's view: soci debug images asks the daemon
+    out = subprocess.run(
+        [str(SOCI_EXE), "debug", "images", "--snapshotter-address", rig.daemon.socket],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"image {img.ref} manifest {img.manifest}: indexed, SOCI index {img.index_digest}" in out, out
+    assert f"layer {img.layers[1]} snapshot " in out and ": lazy; fetched " in out
+    assert f"layer {img.layers[2]} snapshot " in out and ": local (no_ztoc: " in out
+    assert "mounted at " in out and "served from " in out and "cache: " in out
 
     # SIGTERM: everything the daemon mounted is unmounted
     assert rig.daemon.stop() == 0
