@@ -568,7 +568,7 @@ class RegistryClient:
         if not obj:
             raise InvalidArgument(f"reference {ref} names neither tag nor digest")
         host = self.registry(ref)
-        what = f"manifest {ref.locator}:{obj} on {host.host}"
+        what = f"manifest {ref.locator}{'@' if ':' in obj else ':'}{obj} on {host.host}"
         resp, _ = self._request(
             "GET",
             self._repo_url(host, ref.repository, "manifests", obj),
@@ -599,7 +599,7 @@ class RegistryClient:
         """HEAD a manifest: its descriptor, or ``None`` when the registry says 404."""
         obj = obj or ref.object
         host = self.registry(ref)
-        what = f"manifest {ref.locator}:{obj} on {host.host}"
+        what = f"manifest {ref.locator}{'@' if ':' in obj else ':'}{obj} on {host.host}"
         resp, _ = self._request(
             "HEAD",
             self._repo_url(host, ref.repository, "manifests", obj),
