@@ -1,5 +1,12 @@
 """Pieces the ``soci`` command modules share: flag groups, Go-compatible table and duration output, and the
-two places artifacts can be read from (the local store, or an OCI layout given with ``--oci-layout``).
+places artifacts can be read from: the artifacts DB with its blobs in the local store (``--content-store
+soci``) or in containerd's content store (``--content-store containerd``), or an OCI layout given with
+``--oci-layout``.
+
+With the artifacts DB, containerd is asked only when a command needs it: blobs in ``--content-store
+containerd`` mode, image references that are not digests (``--ref``, ``--image-ref``), and layers the local
+store does not hold (``soci create IMAGE`` leaves the layers in containerd). The connection is made on first
+use (:class:`~soci_grpc.cli.ctrsource.LazyClient`).
 
 Will not: define commands (each ``cmd_*.py`` does) or map errors to exit codes (``common.py`` does).
 """
@@ -14,9 +21,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from soci_fs import index as soci_index
-from soci_fs.errors import FailedPrecondition, InvalidArgument, NotFound, SociError
+from soci_fs.errors import FailedPrecondition, InvalidArgument, NotFound, SociError, Unavailable
 from soci_fs.oci import (
     ANNOTATION_REF_NAME,
     INDEX_TYPES,
@@ -28,11 +36,12 @@ from soci_fs.oci import (
 )
 from soci_fs.store import TYPE_INDEX, TYPE_LAYER, Store
 
+if TYPE_CHECKING:
+    from soci_grpc.cli.ctrsource import LazyClient
+
 CONTENT_STORES = ("soci", "containerd")
 
-CONTAINERD_MISSING = (
-    "this needs containerd, which soci-py does not talk to yet (it arrives with the daemon work)"
-)
+CONTAINERD_MISSING = "image names are resolved through containerd, which this command does not connect to"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,12 +147,25 @@ def content_store_type(text: str) -> str:
     return text
 
 
+def lazy_containerd(args: argparse.Namespace) -> LazyClient:
+    """A containerd connection for ``--address`` / ``--namespace`` / ``--timeout``, made on first use."""
+    from soci_grpc.cli.ctrsource import LazyClient
+    from soci_grpc.containerd import DEFAULT_ADDRESS
+
+    return LazyClient(
+        getattr(args, "address", None) or DEFAULT_ADDRESS,
+        getattr(args, "namespace", None) or "default",
+        getattr(args, "timeout", None),
+    )
+
+
 def open_store(args: argparse.Namespace) -> Store:
     """The local store selected by ``--root`` / ``--content-store`` (root created if missing)."""
     if args.content_store != "soci":
         raise FailedPrecondition(
-            "the containerd content store is not supported yet (it arrives with the daemon work); "
-            "use --content-store soci"
+            "the containerd content store is not supported yet by this command (create and convert of "
+            "containerd images, index list/info and ztoc list/info/get-file support it); use "
+            "--content-store soci"
         )
     return Store.open(args.root, create=True)
 
@@ -217,11 +239,36 @@ class ZtocRow:
     layer_media_type: str = ""
 
 
-class StoreSource:
-    """Artifacts recorded in the artifacts DB, blobs in the soci content store."""
+class BlobReader(Protocol):
+    """The read side of a content store (the local ``ContentStore``, or containerd's)."""
 
-    def __init__(self, store: Store) -> None:
+    def has(self, digest: str) -> bool: ...
+    def size(self, digest: str) -> int: ...
+    def read(self, digest: str, size: int | None = None) -> bytes: ...
+    def read_range(self, digest: str, offset: int, length: int) -> bytes: ...
+
+
+class StoreSource:
+    """Artifacts recorded in the artifacts DB, blobs in the soci content store (or in ``content``).
+
+    Args:
+        store: the local store (its artifacts DB; its content store unless ``content`` is given).
+        content: where index and zTOC blobs are read instead (containerd's content store).
+        containerd: a connection made on first use, asked for image references that are not digests and
+            for layers that ``content`` does not hold.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        content: BlobReader | None = None,
+        containerd: LazyClient | None = None,
+    ) -> None:
         self.store = store
+        self.content: BlobReader = content if content is not None else store.content
+        self.containerd = containerd
+        self._layer_content: dict[str, BlobReader] = {}  # layer digest -> where ztoc_layer found it
 
     def indexes(self) -> list[IndexRow]:
         rows = []
@@ -252,31 +299,58 @@ class StoreSource:
 
     def blob(self, digest: str) -> bytes:
         e = self.store.db.get(digest)
-        return self.store.content.read(digest, e.size if e else None)
+        return self.content.read(digest, e.size if e else None)
+
+    def _containerd_content(self) -> BlobReader | None:
+        if self.containerd is None or self.content is not self.store.content:
+            return None  # no containerd, or ``content`` is containerd's already
+        from soci_grpc.cli.ctrsource import ContainerdContent
+
+        return ContainerdContent(self.containerd)
 
     def ztoc_layer(self, digest: str) -> Descriptor:
         e = self.store.db.get(digest)
         if e is None or e.type != TYPE_LAYER:
             raise NotFound(f"ztoc {digest}: not in the artifacts DB")
-        size = self.store.content.size(e.oci_digest) if self.store.content.has(e.oci_digest) else -1
-        if size < 0:
-            raise NotFound(
-                f"layer {e.oci_digest} of ztoc {digest}: not in the local content store "
-                f"(pass --oci-layout PATH to read it from the image layout)"
-            )
-        return Descriptor("", e.oci_digest, size)
+        if self.content.has(e.oci_digest):
+            self._layer_content[e.oci_digest] = self.content
+            return Descriptor("", e.oci_digest, self.content.size(e.oci_digest))
+        where = "the local content store" if self.content is self.store.content else "the content store"
+        hint = "pass --oci-layout PATH to read it from the image layout"
+        other = self._containerd_content()
+        if other is not None:
+            try:
+                if other.has(e.oci_digest):
+                    self._layer_content[e.oci_digest] = other
+                    return Descriptor("", e.oci_digest, other.size(e.oci_digest))
+                where += " nor in containerd's"
+            except Unavailable as exc:
+                hint += f"; containerd could not be asked: {exc}"
+        raise NotFound(f"layer {e.oci_digest} of ztoc {digest}: not in {where} ({hint})")
 
     def read_layer_range(self, layer: Descriptor, offset: int, length: int) -> bytes:
-        return self.store.content.read_range(layer.digest, offset, length)
+        content = self._layer_content.get(layer.digest, self.content)
+        return content.read_range(layer.digest, offset, length)
 
     def resolve_ref(self, ref: str) -> list[str]:
-        """Image manifest digests for ``--ref``: only digests work without containerd."""
+        """Image manifest digests for ``--ref``: a digest as it is; an image name through containerd (the
+        image's manifest, or every platform manifest of its index)."""
         if ref.startswith("sha256:"):
             return [ref]
-        raise FailedPrecondition(
-            f"resolving image reference {ref!r}: {CONTAINERD_MISSING}; pass a manifest digest, "
-            "or --oci-layout PATH to resolve ref names in a layout"
-        )
+        if self.containerd is None:
+            raise FailedPrecondition(
+                f"resolving image reference {ref!r}: {CONTAINERD_MISSING}; pass a manifest digest, "
+                "or --oci-layout PATH to resolve ref names in a layout"
+            )
+        from soci_grpc.cli.ctrsource import manifest_digests
+
+        try:
+            return manifest_digests(self.containerd.get(), ref)
+        except Unavailable as exc:
+            raise Unavailable(
+                f"resolving image reference {ref!r}: {exc}; pass a manifest digest instead, or "
+                "--oci-layout PATH to resolve ref names in a layout"
+            ) from exc
 
 
 class LayoutSource:
@@ -442,17 +516,34 @@ Source = StoreSource | LayoutSource
 
 @contextlib.contextmanager
 def open_source(args: argparse.Namespace) -> Iterator[Source]:
-    """The store, or the layout named by ``--oci-layout``, for a read-only command."""
+    """The store, or the layout named by ``--oci-layout``, for a read-only command.
+
+    With ``--content-store containerd`` the artifacts DB is the local one and the blobs are read from
+    containerd's content store (namespace ``--namespace``).
+    """
     layout_path = getattr(args, "oci_layout", None)
     if layout_path:
         with Layout.open(layout_path) as layout:
             yield LayoutSource(layout)
         return
-    store = open_store(args)
+    containerd = lazy_containerd(args)
     try:
-        yield StoreSource(store)
+        if getattr(args, "content_store", "soci") == "containerd":
+            from soci_grpc.cli.ctrsource import ContainerdContent
+
+            store = Store.open(args.root, create=True)
+            try:
+                yield StoreSource(store, content=ContainerdContent(containerd), containerd=containerd)
+            finally:
+                store.close()
+            return
+        store = open_store(args)
+        try:
+            yield StoreSource(store, containerd=containerd)
+        finally:
+            store.close()
     finally:
-        store.close()
+        containerd.close()
 
 
 def create_private_file(path: str | os.PathLike[str]) -> int:

@@ -6,8 +6,8 @@ Two modes:
 * ``soci push IMAGE_REF`` (upstream's command): pushes the v1 SOCI indexes recorded in the local store for
   the image's platform manifests — the index manifest (with its ``subject``), its zTOCs, prefetch blobs and
   the ``{}`` config — with upstream's messages, quiet mode and ``--existing-index`` handling. Upstream finds
-  the platform manifests in containerd; soci-py does not talk to containerd yet, so the image is resolved in
-  the registry instead (it must be there already: that is where the index goes). Per platform the newest v1
+  the platform manifests in containerd; soci-py resolves the image in the registry instead (it must be there
+  already: that is where the index goes). Per platform the newest v1
   index recorded for that manifest digest is pushed; v2 indexes are skipped with upstream's warning. The
   registry client keeps the referrers fallback tag (``sha256-<hex>``) up to date when the registry has no
   referrers API, so the index is discoverable either way.

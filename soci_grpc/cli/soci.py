@@ -4,9 +4,10 @@ Commands live in ``cmd_*.py`` modules, each with ``register(subparsers, ...)``. 
 (cli-and-config.md §1) are accepted before the command name and, as upstream, also after it (each
 subcommand parser repeats them with suppressed defaults, so a value given later wins).
 
-``--content-store`` defaults to ``soci`` here (upstream: ``containerd``): soci-py cannot reach containerd's
-content store until the daemon work lands, so the default is the store that works. ``containerd`` is
-accepted and fails with a clear message in the commands that would use it.
+``--content-store`` defaults to ``soci`` here (upstream: ``containerd``): the artifacts go to
+``<root>/content``, which every command can use. ``containerd`` keeps them in containerd's content store
+(``create``, ``convert`` and the read-only commands); ``push``, ``rebuild-db`` and ``index rm`` refuse it
+with a clear message.
 
 Exit codes and error printing come from :mod:`soci_grpc.cli.common`; argparse usage errors exit 2.
 Logging is configured only when ``main`` runs as the program (``argv`` is ``None``), so in-process callers
@@ -89,7 +90,7 @@ def _add_global_flags(p: argparse.ArgumentParser, *, suppress: bool) -> None:
         type=cmd_base.content_store_type,
         default=d("soci"),
         help="where SOCI artifacts are kept: soci (<root>/content, default here) or containerd "
-        "(not supported until the daemon work lands)",
+        "(containerd's content store; not for push, rebuild-db, index rm)",
     )
     g.add_argument("--root", default=d(DEFAULT_ROOT), help=f"soci root directory (default {DEFAULT_ROOT})")
 

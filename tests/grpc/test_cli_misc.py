@@ -73,8 +73,16 @@ def test_bare_command_groups_print_usage() -> None:
     ("argv", "rc", "message"),
     [
         (["create"], 2, "soci: source image needs to be specified\n"),
-        (["create", "docker.io/library/x:1"], 1, "needs containerd"),
-        (["convert", "a", "b"], 1, "use soci convert --standalone SRC DST"),
+        (
+            ["--address", "/nonexistent/containerd.sock", "create", "docker.io/library/x:1"],
+            5,
+            "cannot reach containerd",
+        ),
+        (
+            ["convert", "a", "b"],
+            2,
+            'the destination image must be a tagged ref of the form "registry/repository:tag"',
+        ),
         (
             ["create", "--oci-layout", "x", "--optimizations", "foo"],
             2,
@@ -89,14 +97,23 @@ def test_command_errors(tmp_path: Path, argv: list[str], rc: int, message: str) 
     assert r.rc == rc and message in r.err, r.err
 
 
-def test_containerd_content_store_is_refused(tmp_path: Path) -> None:
-    r = run("--root", tmp_path / "r", "--content-store", "containerd", "index", "ls")
+def test_containerd_content_store_is_refused_where_not_built(tmp_path: Path) -> None:
+    r = run("--root", tmp_path / "r", "--content-store", "containerd", "rebuild-db")
     assert r.rc == 1 and "containerd content store is not supported yet" in r.err
 
 
 def test_ref_needs_containerd_without_layout(tmp_path: Path) -> None:
-    r = run("--root", tmp_path / "r", "index", "ls", "--ref", "docker.io/library/x:1")
-    assert r.rc == 1 and "--oci-layout" in r.err
+    r = run(
+        "--address",
+        "/nonexistent/containerd.sock",
+        "--root",
+        tmp_path / "r",
+        "index",
+        "ls",
+        "--ref",
+        "docker.io/library/x:1",
+    )
+    assert r.rc == 5 and "--oci-layout" in r.err
 
 
 def test_root_parent_must_exist(tmp_path: Path) -> None:
