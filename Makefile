@@ -43,7 +43,7 @@ test-fast: venv
 	$(VENV)/bin/pytest -q -x
 
 demo: venv
-	@bash scripts/demo.sh
+	$(PY) scripts/demo.py
 
 bench: venv
 	$(PY) bench/run.py
