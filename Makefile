@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SOURCES := $(wildcard proto/*/*.proto)
 
-.PHONY: all venv apt test test-fast test-pure lint fmt demo bench clean
+.PHONY: all venv apt test test-fast test-pure lint fmt demo bench deb rpm packages clean
 
 all: venv
 
@@ -48,5 +48,15 @@ demo: venv
 bench: venv
 	$(PY) bench/run.py
 
+# Debian and RPM packages with the systemd units, into dist/ (network needed for the vendored PyPI deps)
+deb: venv
+	$(PY) scripts/build_packages.py --deb
+
+rpm: venv
+	$(PY) scripts/build_packages.py --rpm
+
+packages: venv
+	$(PY) scripts/build_packages.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info soci_fs/_ext/*.so ext/*.c soci_grpc/_proto/*/
+	rm -rf $(VENV) build dist *.egg-info soci_fs/_ext/*.so ext/*.c soci_grpc/_proto/*/

@@ -12,6 +12,7 @@ PKGS=(
   umoci skopeo
   pigz libisal-dev
   squashfuse squashfs-tools busybox-static attr
+  iproute2 systemd systemd-container debootstrap rpm binutils
 )
 
 missing=()

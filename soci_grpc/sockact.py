@@ -30,9 +30,12 @@ connected fd (``grpc_server_add_channel_from_fd``) is not exposed to Python. The
   local hop and two threads per connection; containerd holds one long-lived connection per proxy plugin,
   and snapshotter messages are small.
 
+Behind the relay, gRPC sees every client as the relay's own connection: a client's peer credentials
+(``SO_PEERCRED``) are not available to the servicers; nothing in this project uses them.
+
 This module will not: create public sockets (the non-activated path is the daemon's), parse
-``LISTEN_FDNAMES``, accept sockets of other families (TCP, abstract-only setups are refused or relayed
-through a private socket in the temp directory), or look at the relayed bytes.
+``LISTEN_FDNAMES``, accept other kinds of socket (TCP, datagram; an abstract unix listener is served, with
+its private socket in the temporary directory), or look at the relayed bytes.
 """
 
 from __future__ import annotations

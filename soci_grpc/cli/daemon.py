@@ -44,6 +44,7 @@ from typing import Any
 
 from soci_fs.errors import InvalidArgument, SociError
 from soci_grpc import config as configmod
+from soci_grpc import sockact
 
 PROG = "soci-snapshotter-grpc"
 DEFAULT_ADDRESS = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"
@@ -226,9 +227,8 @@ def sd_notify(state: str) -> bool:
 
 
 def socket_path(address: str) -> str:
-    """The unix socket path of ``--address`` (a path or ``unix://<path>``)."""
-    if address.startswith("fd://"):
-        raise InvalidArgument(f"address {address!r}: socket activation (fd://) is not supported yet")
+    """The unix socket path of ``--address`` (a path or ``unix://<path>``; ``fd://`` is
+    :mod:`soci_grpc.sockact`'s)."""
     path = address.removeprefix("unix://")
     if not path:
         raise InvalidArgument(f"address {address!r}: no socket path")
@@ -272,7 +272,8 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("starting %s", PROG, extra={"version": version, "revision": ""})
     cfg = configmod.load(args.config)
     log.debug("configuration loaded from %s", cfg.source or "defaults")
-    path = socket_path(args.address)
+    if not args.address.startswith(sockact.FD_SCHEME):
+        socket_path(args.address)  # a bad address fails before anything is started
     root = os.path.abspath(args.root)
     os.makedirs(root, mode=0o700, exist_ok=True)
     os.chmod(root, 0o700)
@@ -295,6 +296,9 @@ def _serve(args: argparse.Namespace) -> int:
     core: Snapshotter | None = None
     server = None
     proxy = None
+    # fd:// (systemd socket activation): grpc serves a private socket, systemd's listener is relayed to it
+    act = sockact.activate(args.address, DEFAULT_ADDRESS)
+    path = act.grpc_path if act is not None else socket_path(args.address)
     try:
         # mounts left by a previous run (killed, or stopped without unmounting) are dead: detach them
         stale = unmount_all_under(Path(root) / "snapshotter" / "snapshots")
@@ -323,7 +327,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"failed to listen on {path!r}")
         server.start()
         os.chmod(path, 0o660)
-        log.info("%s successfully started", PROG, extra={"address": path, "root": root})
+        if act is not None:
+            act.start()
+        address = act.address if act is not None else path
+        log.info("%s successfully started", PROG, extra={"address": address, "root": root})
         sd_notify("READY=1")
         stop.wait()
         log.info("shutting down %s", PROG)
@@ -341,6 +348,8 @@ def _serve(args: argparse.Namespace) -> int:
             core.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        if act is not None:
+            act.close()
     log.info("%s stopped", PROG)
     return 0
 

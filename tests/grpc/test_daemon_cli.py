@@ -161,14 +161,13 @@ def test_bad_log_level(args: tuple[str, str]) -> None:
 
 
 def test_serving_checks_the_config_and_address_first(tmp_path: Path, bad_file: Path) -> None:
-    # serving itself is tested end to end in tests/integration/test_containerd_snapshots.py
+    # serving itself is tested end to end in tests/integration/test_containerd_snapshots.py, fd:// in
+    # tests/packaging/test_sockact.py
     good = tmp_path / "good.toml"
     good.write_text("")
-    r = run("--config", good, "--root", tmp_path / "root", "--address", "fd://")
+    r = run("--config", good, "--root", tmp_path / "root", "--address", "unix://")
     assert r.rc == 1
-    assert r.err.endswith(
-        "soci-snapshotter-grpc: address 'fd://': socket activation (fd://) is not supported yet\n"
-    )
+    assert r.err.endswith("soci-snapshotter-grpc: address 'unix://': no socket path\n")
     assert r.logs()[0]["msg"] == "starting soci-snapshotter-grpc" and r.logs()[0]["level"] == "info"
     r = run("--config", bad_file, "--root", tmp_path / "root", "--address", tmp_path / "s.sock")
     assert r.rc == 1 and "http.MaxRetries" in r.err and not (tmp_path / "root").exists()
