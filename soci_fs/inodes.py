@@ -5,7 +5,9 @@ Owns:
 * :class:`Node` -- one inode: attributes as FUSE will show them (``mode`` with type bits, ``uid``, ``gid``,
   ``size``, ``mtime_ns``, ``nlink``, ``rdev``), the symlink target, the PAX ``SCHILY.xattr.*`` xattrs and the
   file locator (``offset`` of the data in the uncompressed tar) and ``entry``, the index of the zTOC entry
-  that describes it in :attr:`InodeTree.entries` (the read path verifies that entry's tar header).
+  that describes it in :attr:`InodeTree.entries` (the read path verifies that entry's tar header). The tree
+  keeps those entries packed (:class:`~soci_fs.ztoc.EntryTable`), not the ``FileMetadata`` objects it was
+  built from, so a served layer does not need its parsed zTOC any more.
 * :class:`InodeTree` -- the tree of one layer (spec filesystem.md §2 and §4): names cleaned like Go's
   ``path.Clean`` (``./a/b/`` -> ``a/b``; ``./`` is the root); parent directories that were never listed are
   implied (``dir|0755``, uid/gid 0, zero mtime); later entries override earlier ones as tar extraction
@@ -36,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from soci_fs.errors import FormatError, NotFound
+from soci_fs.ztoc import ZERO_TIME, EntryTable, parse_mod_time
 
 if TYPE_CHECKING:
     from soci_fs.ztoc import FileMetadata, Ztoc
@@ -71,6 +74,7 @@ _TYPE_BITS = {
 }
 _XATTR_PREFIX = "SCHILY.xattr."
 _IMPLIED_DIR_MODE = stat.S_IFDIR | 0o755
+_S_IFMT = 0o170000
 
 
 def linux_rdev(major: int, minor: int) -> int:
@@ -80,34 +84,48 @@ def linux_rdev(major: int, minor: int) -> int:
 
 def _clean(name: str) -> str:
     """Go ``strings.TrimPrefix(path.Clean("/" + name), "/")``: ``./a//b/`` -> ``a/b``, ``./`` -> ``""``."""
-    if name and "//" not in name and "." not in name and name[0] != "/" and name[-1] != "/":
-        return name  # the common case: already clean
+    n = name[2:] if name.startswith("./") else name
+    if (
+        n
+        and n[0] != "/"
+        and n[-1] != "/"
+        and "//" not in n
+        and ("." not in n or ("/." not in n and n[0] != "."))
+    ):
+        return n  # the common case: clean once a leading "./" is gone (no component starts with ".")
     return posixpath.normpath("/" + name.lstrip("/")).lstrip("/")
 
 
 class Node:
-    """One inode of a layer. ``children``/``whiteouts`` are set for directories only."""
+    """One inode of a layer.
+
+    Only what every kind of inode has is stored per node; the rest lives on the kinds that need it and reads
+    as a class default elsewhere: ``children``, ``whiteouts``, ``listing`` (``None``) and ``opaque``
+    (``False``) are set on directories only, ``target`` (``b""``) on symlinks only, ``rdev`` (``0``) on
+    character and block devices only. ``children is not None`` is what makes a node a directory.
+    """
 
     __slots__ = (
-        "children",
         "entry",
         "gid",
         "id",
-        "listing",
         "mode",
         "mtime_ns",
         "name",
         "nlink",
         "offset",
-        "opaque",
         "parent",
-        "rdev",
         "size",
-        "target",
         "uid",
-        "whiteouts",
         "xattrs",
     )
+
+    children: dict[bytes, Node] | None = None  # directories: real children, never a .wh.* name
+    whiteouts: dict[bytes, Node] | None = None  # directories: "<x>" -> whiteout node, from ".wh.<x>"
+    listing: list[tuple[bytes, Node]] | None = None  # directories: presented, sorted; built on first use
+    opaque = False  # directories: ".wh..wh..opq" was listed in it
+    target = b""  # symlinks: the link target
+    rdev = 0  # character and block devices: linux_rdev(major, minor)
 
     def __init__(self, node_id: int, mode: int, parent: int, name: bytes) -> None:
         self.id = node_id
@@ -117,17 +135,11 @@ class Node:
         self.size = 0
         self.mtime_ns = 0
         self.nlink = 1
-        self.rdev = 0
-        self.target = b""  # symlink target
         self.xattrs: dict[bytes, bytes] | None = None
         self.offset = 0  # data offset in the uncompressed tar (regular files)
         self.entry = -1  # index of the zTOC entry that last described the node (-1: implied / whiteout)
         self.parent = parent  # id of the directory the node was first attached to (for messages)
         self.name = name
-        self.children: dict[bytes, Node] | None = None  # real children, never a .wh.* name
-        self.whiteouts: dict[bytes, Node] | None = None  # "<x>" -> whiteout node, from ".wh.<x>"
-        self.opaque = False
-        self.listing: list[tuple[bytes, Node]] | None = None  # presented, sorted; built on first use
 
     @property
     def is_dir(self) -> bool:
@@ -145,6 +157,48 @@ class Node:
         return f"Node(id={self.id}, mode={self.mode:o}, name={self.name!r})"
 
 
+class _Dir(Node):
+    """A directory node (``whiteouts`` stays ``None`` until a ``.wh.<x>`` names something in it)."""
+
+    __slots__ = ("children", "listing", "opaque", "whiteouts")
+
+    def __init__(self, node_id: int, mode: int, parent: int, name: bytes) -> None:
+        super().__init__(node_id, mode, parent, name)
+        self.children: dict[bytes, Node] = {}
+        self.whiteouts: dict[bytes, Node] | None = None
+        self.listing: list[tuple[bytes, Node]] | None = None
+        self.opaque = False
+
+
+class _Symlink(Node):
+    """A symlink node: the only kind with a ``target`` of its own."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, node_id: int, mode: int, parent: int, name: bytes) -> None:
+        super().__init__(node_id, mode, parent, name)
+        self.target = b""
+
+
+class _Device(Node):
+    """A character or block device node: the only kind with an ``rdev`` of its own (whiteouts are 0/0
+    devices and use the class default)."""
+
+    __slots__ = ("rdev",)
+
+    def __init__(self, node_id: int, mode: int, parent: int, name: bytes) -> None:
+        super().__init__(node_id, mode, parent, name)
+        self.rdev = 0
+
+
+_KIND_CLASS: dict[int, type[Node]] = {
+    stat.S_IFDIR: _Dir,
+    stat.S_IFLNK: _Symlink,
+    stat.S_IFCHR: _Device,
+    stat.S_IFBLK: _Device,
+}
+
+
 class InodeTree:
     """The inode tree of one layer. Build it with :meth:`from_ztoc` or :meth:`from_entries`.
 
@@ -158,14 +212,13 @@ class InodeTree:
 
     def __init__(self, opaque_keys: tuple[bytes, ...] = (OPAQUE_TRUSTED,)) -> None:
         self.opaque_keys = tuple(opaque_keys)
-        self.root = Node(ROOT_ID, _IMPLIED_DIR_MODE, ROOT_ID, b"")
+        self.root: Node = _Dir(ROOT_ID, _IMPLIED_DIR_MODE, ROOT_ID, b"")
         self.root.nlink = 2
-        self.root.children = {}
-        self.root.whiteouts = {}
         self._nodes: list[Node | None] = [None, self.root]
         self._by_path: dict[str, Node] = {"": self.root}
         self._mtimes: dict[str, int] = {}
-        self.entries: tuple[FileMetadata, ...] = ()  # the entries the tree was built from (Node.entry)
+        self._ints: dict[int, int] = {}  # while building: one int object per distinct mode/uid/gid value
+        self.entries = EntryTable()  # the entries the tree was built from, packed (Node.entry indexes it)
 
     # ------------------------------------------------------------------------------------- building
 
@@ -180,8 +233,9 @@ class InodeTree:
     ) -> InodeTree:
         """The tree of a layer from its entries in tar order."""
         tree = cls(opaque_keys)
-        tree.entries = entries if isinstance(entries, tuple) else tuple(entries)
-        for i, e in enumerate(tree.entries):
+        items = entries if isinstance(entries, tuple | list) else tuple(entries)
+        tree.entries = EntryTable(items)
+        for i, e in enumerate(items):
             try:
                 tree._add(e, i)
             except FormatError as exc:
@@ -190,15 +244,14 @@ class InodeTree:
         return tree
 
     def _new(self, mode: int, parent: Node, name: bytes) -> Node:
-        node = Node(len(self._nodes), mode, parent.id, name)
+        """A new node of the kind ``mode``'s type bits say."""
+        node = _KIND_CLASS.get(mode & _S_IFMT, Node)(len(self._nodes), mode, parent.id, name)
         self._nodes.append(node)
         return node
 
     def _mtime_ns(self, text: str) -> int:
         ns = self._mtimes.get(text)
         if ns is None:
-            from soci_fs.ztoc import ZERO_TIME, parse_mod_time
-
             sec, nsec = parse_mod_time(text)
             ns = 0 if (sec, nsec) == ZERO_TIME else sec * 1_000_000_000 + nsec
             self._mtimes[text] = ns
@@ -206,9 +259,11 @@ class InodeTree:
 
     def _set_attrs(self, node: Node, e: FileMetadata, type_bits: int, index: int) -> None:
         node.entry = index
-        node.mode = type_bits | (e.mode & _PERM_MASK)
-        node.uid = e.uid
-        node.gid = e.gid
+        intern = self._ints.setdefault  # one int object per distinct value: modes and owners repeat a lot
+        mode = type_bits | (e.mode & _PERM_MASK)
+        node.mode = intern(mode, mode)
+        node.uid = intern(e.uid, e.uid)
+        node.gid = intern(e.gid, e.gid)
         node.mtime_ns = self._mtime_ns(e.mod_time)
         if e.pax:
             xattrs = {
@@ -217,17 +272,15 @@ class InodeTree:
             node.xattrs = xattrs or None
         else:
             node.xattrs = None
+        # A node keeps its kind: non-directory entries always get a new node, directories stay directories.
         if type_bits == stat.S_IFLNK:
             node.target = e.linkname.encode(_ENC, _ESC)
             node.size = len(node.target)
         else:
-            node.target = b""
             node.size = e.uncompressed_size
         node.offset = e.uncompressed_offset
         if type_bits == stat.S_IFCHR or type_bits == stat.S_IFBLK:
             node.rdev = linux_rdev(e.devmajor, e.devminor)
-        else:
-            node.rdev = 0
 
     def _dir(self, path: str) -> Node:
         """The directory at ``path``, creating it (and its parents) implicitly when missing."""
@@ -237,8 +290,6 @@ class InodeTree:
         parent_path, _, base = path.rpartition("/")
         parent = self._dir(parent_path)
         node = self._new(_IMPLIED_DIR_MODE, parent, base.encode(_ENC, _ESC))
-        node.children = {}
-        node.whiteouts = {}
         self._attach(parent, path, node.name, node)
         return node
 
@@ -285,8 +336,6 @@ class InodeTree:
             node = self._by_path.get(path)
             if node is None or node.children is None:
                 node = self._new(stat.S_IFDIR, parent, name)
-                node.children = {}
-                node.whiteouts = {}
                 self._attach(parent, path, name, node)
             self._set_attrs(node, e, stat.S_IFDIR, index)
             return
@@ -303,7 +352,9 @@ class InodeTree:
             return  # ".wh." alone names nothing
         node = self._new(stat.S_IFCHR, parent, hidden)
         node.mtime_ns = self._mtime_ns(e.mod_time)
-        parent.whiteouts[hidden] = node  # type: ignore[index]
+        if parent.whiteouts is None:
+            parent.whiteouts = {}
+        parent.whiteouts[hidden] = node
 
     def _finish(self) -> None:
         for node in self._nodes:
@@ -311,6 +362,7 @@ class InodeTree:
                 node.nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)
         self._by_path.clear()
         self._mtimes.clear()
+        self._ints.clear()
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -342,7 +394,8 @@ class InodeTree:
             return child
         if name == b"." or name == b"..":
             return directory if name == b"." else self.node(directory.parent)
-        return directory.whiteouts.get(name)  # type: ignore[union-attr]
+        whiteouts = directory.whiteouts
+        return whiteouts.get(name) if whiteouts else None
 
     def listing(self, directory: Node) -> list[tuple[bytes, Node]]:
         """The presented entries of ``directory``, sorted by name bytes (cached on the node)."""

@@ -54,7 +54,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pyfuse3
@@ -74,6 +74,7 @@ from soci_fs.errors import (
 from soci_fs.inodes import InodeTree, Node
 from soci_fs.spanread import LayerSpans
 from soci_fs.verify import LayerVerifier
+from soci_fs.ztoc import EntryTable
 
 __all__ = [
     "ERRNO",
@@ -224,7 +225,6 @@ class Layer:
     verifier: LayerVerifier | None = None
     xattrs: bool = True
     error: str = ""
-    _attrs: dict[int, pyfuse3.EntryAttributes] = field(default_factory=dict, repr=False)
 
     @property
     def state_file_name(self) -> bytes:
@@ -302,6 +302,18 @@ class InodeMap:
         if layer is None:
             raise NotFound(f"inode {inode:#x}: no mounted layer")
         return layer, layer.tree.node(inode & LOCAL_MASK)
+
+
+class _TableVerifier(LayerVerifier):
+    """:class:`~soci_fs.verify.LayerVerifier` over a tree's packed :class:`~soci_fs.ztoc.EntryTable`: the
+    header offsets come from the table's arrays, so only the entry being verified is decoded."""
+
+    def __init__(self, entries: EntryTable) -> None:
+        super().__init__(entries)
+        self.table = entries
+
+    def header_range(self, index: int) -> tuple[int, int]:
+        return self.table.header_range(index)
 
 
 # ------------------------------------------------------------------------------------- the handlers
@@ -451,7 +463,7 @@ class LayerOperations(pyfuse3.Operations):
         layer = self.layers.add(name, tree, data)
         layer.digest = digest or str(getattr(data, "digest", "") or "") or os.fsdecode(name)
         layer.size = _blob_size(data) if size is None else size
-        layer.verifier = LayerVerifier(tree.entries) if verify else None
+        layer.verifier = _TableVerifier(tree.entries) if verify else None
         layer.xattrs = xattrs
         return layer
 
@@ -480,25 +492,24 @@ class LayerOperations(pyfuse3.Operations):
         return f"{by} {key!r}"
 
     def _attr(self, layer: Layer, node: Node) -> pyfuse3.EntryAttributes:
-        a = layer._attrs.get(node.id)
-        if a is None:
-            a = pyfuse3.EntryAttributes()
-            a.st_ino = (layer.slot << SLOT_SHIFT) | node.id
-            a.generation = 0
-            a.entry_timeout = self.entry_timeout
-            a.attr_timeout = self.attr_timeout
-            a.st_mode = node.mode
-            a.st_nlink = node.nlink or 1
-            a.st_uid = node.uid
-            a.st_gid = node.gid
-            a.st_rdev = node.rdev
-            a.st_size = node.size
-            a.st_blksize = BLOCK_SIZE
-            a.st_blocks = -(-node.size // BLOCK_SIZE) * 8
-            a.st_mtime_ns = node.mtime_ns
-            a.st_atime_ns = node.mtime_ns
-            a.st_ctime_ns = node.mtime_ns
-            layer._attrs[node.id] = a
+        """The attributes of ``node``, made on each call (under a microsecond): the kernel keeps them for
+        ``attr_timeout``, so a per-inode cache here would mostly hold memory (about 240 bytes an inode)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = (layer.slot << SLOT_SHIFT) | node.id
+        a.generation = 0
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink or 1
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
+        a.st_blksize = BLOCK_SIZE
+        a.st_blocks = -(-node.size // BLOCK_SIZE) * 8
+        a.st_mtime_ns = node.mtime_ns
+        a.st_atime_ns = node.mtime_ns
+        a.st_ctime_ns = node.mtime_ns
         return a
 
     def _state_attr(self, layer: Layer, local: int) -> pyfuse3.EntryAttributes:

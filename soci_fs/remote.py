@@ -23,7 +23,10 @@ Owns the path from an image reference to one :class:`~soci_fs.spans.RemoteLayer`
   lazy and local layers (whiteouts and opaque directories come from the same inode tree). Compressions other
   than gzip and uncompressed tar are refused (``FailedPrecondition``).
 * what the FUSE side needs to know per layer besides its data (:meth:`OpenedLayer.serve_options`): the
-  digest and size for the state file, and the zTOC descriptor's ``com.amazon.soci.disable-xattrs``.
+  digest and size for the state file, and the zTOC descriptor's ``com.amazon.soci.disable-xattrs``;
+* letting go of parsed zTOCs: a served layer needs its inode tree and span manager, not the zTOC they were
+  built from (several MB per big layer), so :meth:`OpenedLayer.take_ztoc` hands it over once and
+  :meth:`ImagePlan.without_ztoc` drops it from a kept plan; a plan without it reloads it on the next open.
 
 Errors: ``NotFound`` (image, platform, index, blob), ``Unauthenticated``, ``Unavailable`` (registry
 unreachable), ``FormatError`` (digest mismatch, bad index or zTOC), ``FailedPrecondition`` (a layer that
@@ -35,6 +38,7 @@ Will not: mount anything (``soci_fs.mount`` serves the layers, the caller stacks
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -85,7 +89,11 @@ HOW_V1 = "v1 referrers"
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer of the image and, when the index has one, its zTOC (parsed and verified)."""
+    """One layer of the image and, when the index has one, its zTOC (parsed and verified).
+
+    A lazy layer's plan may leave the parsed zTOC out (:meth:`without_ztoc`, once the layer is served):
+    :func:`open_layer` then loads it again through the :class:`ImageSource` (its local copy first).
+    """
 
     descriptor: Descriptor
     ztoc_descriptor: Descriptor | None = None
@@ -93,7 +101,12 @@ class LayerPlan:
 
     @property
     def lazy(self) -> bool:
-        return self.ztoc is not None
+        """The index has a zTOC for this layer (whether or not the plan still holds it parsed)."""
+        return self.ztoc is not None or self.ztoc_descriptor is not None
+
+    def without_ztoc(self) -> LayerPlan:
+        """This plan without the parsed zTOC (the descriptor is kept, so the layer is still lazy)."""
+        return self if self.ztoc is None else dataclasses.replace(self, ztoc=None)
 
     @property
     def disable_xattrs(self) -> bool:
@@ -114,6 +127,14 @@ class ImagePlan:
     index_version: int
     how: str
     layers: tuple[LayerPlan, ...]
+
+    def without_ztoc(self, digest: str) -> ImagePlan:
+        """This plan with the parsed zTOC of layer ``digest`` left out (see :meth:`LayerPlan.without_ztoc`):
+        what a caller keeps once that layer is served, so the zTOC's entries are not held twice."""
+        layers = tuple(lp.without_ztoc() if lp.descriptor.digest == digest else lp for lp in self.layers)
+        if all(a is b for a, b in zip(layers, self.layers, strict=True)):
+            return self
+        return dataclasses.replace(self, layers=layers)
 
 
 def _platform_matches(platform: str, entry: Mapping[str, Any]) -> bool:
@@ -253,16 +274,7 @@ class ImageSource:
                 ref.descriptor.size,
                 annotations=dict(ref.descriptor.annotations or {}),
             )
-            try:
-                z = ztoc_mod.parse(self.blob(zdesc))
-            except FormatError as exc:
-                raise FormatError(f"zTOC {zdesc.digest} of layer {desc.digest}: {exc}") from exc
-            if z.compressed_archive_size and desc.size and z.compressed_archive_size != desc.size:
-                raise FormatError(
-                    f"zTOC {zdesc.digest} describes a {z.compressed_archive_size}-byte blob, but layer "
-                    f"{desc.digest} is {desc.size} bytes"
-                )
-            layers.append(LayerPlan(desc, zdesc, z))
+            layers.append(LayerPlan(desc, zdesc, self.load_ztoc(desc, zdesc)))
         log.info(
             "image %s: manifest %s, SOCI index %s (%s), %d layers, %d with a zTOC",
             self.ref,
@@ -273,6 +285,24 @@ class ImageSource:
             sum(1 for x in layers if x.lazy),
         )
         return ImagePlan(self.ref, manifest, digest, idx.version, how, tuple(layers))
+
+    def load_ztoc(self, desc: Descriptor, zdesc: Descriptor) -> Ztoc:
+        """The zTOC ``zdesc`` of layer ``desc``: fetched (local copy first), verified, parsed, size-checked.
+
+        Raises:
+            FormatError: a bad zTOC, or one that describes a blob of another size than the layer's.
+            NotFound / Unauthenticated / Unavailable: from the registry.
+        """
+        try:
+            z = ztoc_mod.parse(self.blob(zdesc))
+        except FormatError as exc:
+            raise FormatError(f"zTOC {zdesc.digest} of layer {desc.digest}: {exc}") from exc
+        if z.compressed_archive_size and desc.size and z.compressed_archive_size != desc.size:
+            raise FormatError(
+                f"zTOC {zdesc.digest} describes a {z.compressed_archive_size}-byte blob, but layer "
+                f"{desc.digest} is {desc.size} bytes"
+            )
+        return z
 
     # ---- layers without a zTOC
 
@@ -326,10 +356,15 @@ def _local_ztoc(path: Path, desc: Descriptor, span_size: int) -> Ztoc:
 
 @dataclass
 class OpenedLayer:
-    """A layer ready to serve: its zTOC, its span manager, and where the data comes from."""
+    """A layer ready to serve: its zTOC, its span manager, and where the data comes from.
+
+    The zTOC is only needed to build the layer's inode tree (``Session.add_layer``); the served layer keeps
+    the tree and the span manager. Hand it over with :meth:`take_ztoc` so it is not kept for the layer's
+    lifetime (``ztoc`` is ``None`` afterwards).
+    """
 
     plan: LayerPlan
-    ztoc: Ztoc
+    ztoc: Ztoc | None
     data: RemoteLayer
     lazy: bool
     downloaded: int = 0  # bytes of a whole blob fetched for a local layer (0 when it was stored already)
@@ -348,6 +383,19 @@ class OpenedLayer:
     def disable_xattrs(self) -> bool:
         """The zTOC descriptor's ``com.amazon.soci.disable-xattrs`` (false for a layer indexed here)."""
         return self.lazy and self.plan.disable_xattrs
+
+    def take_ztoc(self) -> Ztoc:
+        """The zTOC, forgotten here and in :attr:`plan` (call once, to add the layer to a session).
+
+        Raises:
+            FailedPrecondition: it was taken already.
+        """
+        z = self.ztoc
+        if z is None:
+            raise FailedPrecondition(f"layer {self.digest}: its zTOC was handed over already")
+        self.ztoc = None
+        self.plan = self.plan.without_ztoc()
+        return z
 
     def serve_options(self) -> dict[str, Any]:
         """The keyword arguments of ``soci_fs.mount.Session.add_layer`` that describe this layer: its
@@ -376,6 +424,10 @@ async def open_layer(
 ) -> OpenedLayer:
     """Open one layer on the trio loop: lazily through its zTOC, or locally (whole blob) without one.
 
+    A lazy layer whose plan no longer holds its parsed zTOC (:meth:`LayerPlan.without_ztoc`) loads it again
+    through ``source`` (:meth:`ImageSource.load_ztoc`: the local copy first). Hand the zTOC of the returned
+    layer to the session with :meth:`OpenedLayer.take_ztoc`.
+
     ``wrap_fetch`` lets a caller (tests, metrics) see or alter every remote fetch. ``check_header=False``
     opens a lazy layer with no network at all (a restart while the registry is away: reads fetch later).
     ``metrics`` is the lazy layer's ``metrics(name, value)`` hook (see ``soci_fs.spans``).
@@ -390,14 +442,18 @@ async def open_layer(
         "inflate_limiter": inflate_limiter,
     }
     desc = plan.descriptor
-    if plan.ztoc is not None:
+    if plan.lazy:
+        z = plan.ztoc
+        if z is None:  # left out of the plan (a layer served before): its local copy, else the registry
+            assert plan.ztoc_descriptor is not None
+            z = await trio.to_thread.run_sync(source.load_ztoc, desc, plan.ztoc_descriptor)
         fetch = blob_fetch(source.client, source.ref, desc)
         if wrap_fetch is not None:
             fetch = wrap_fetch(fetch)
         data = await RemoteLayer.open(
-            plan.ztoc, fetch, desc.digest, cache, check_header=check_header, metrics=metrics, **kw
+            z, fetch, desc.digest, cache, check_header=check_header, metrics=metrics, **kw
         )
-        return OpenedLayer(plan, plan.ztoc, data, lazy=True)
+        return OpenedLayer(plan, z, data, lazy=True)
     path, got = await trio.to_thread.run_sync(source.download_layer, desc)
     z = await trio.to_thread.run_sync(_local_ztoc, path, desc, local_span_size)
     blob = LocalBlob(path)

@@ -323,7 +323,7 @@ async def _mount_and_wait(ctx: _Run, session: Session, fetcher: BackgroundFetche
         )
         ctx.opened.append(layer)
         name = plan.descriptor.digest.replace(":", "-", 1)
-        dirs.append(await session.add_layer(name, layer.ztoc, layer.data, **layer.serve_options()))
+        dirs.append(await session.add_layer(name, layer.take_ztoc(), layer.data, **layer.serve_options()))
         spans = layer.data.span_count
         if layer.lazy:
             assert plan.ztoc_descriptor is not None
