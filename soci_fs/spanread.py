@@ -74,6 +74,9 @@ def check_gzip_header(data: bytes) -> None:
         raise FormatError(f"gzip header is {pos} bytes but the first span starts at offset {len(data)}")
 
 
+MAX_TAR_PADDING = 1 << 20  # how far past the archive size the last checkpoint may lie (record padding)
+
+
 class LayerSpans:
     """The spans of one layer blob and the reads over its uncompressed tar.
 
@@ -115,6 +118,15 @@ class LayerSpans:
         for i in range(n):
             cs, ce = index.compressed_range(i, compressed_size)
             us, ue = index.uncompressed_range(i, uncompressed_size)
+            if (
+                self.is_gzip
+                and i == n - 1
+                and uncompressed_size < us <= uncompressed_size + MAX_TAR_PADDING
+                and (i == 0 or self._u_ranges[i - 1][0] <= uncompressed_size)
+            ):
+                # the last checkpoint lies in the tar's trailing padding (tarfile and GNU tar pad to
+                # 10240-byte records; the archive size ends at the end-of-archive marker): an empty span
+                ue = us
             if not 0 <= cs <= ce <= compressed_size:
                 raise FormatError(
                     f"span {i}: compressed range [{cs}, {ce}) does not fit the {compressed_size}-byte blob"

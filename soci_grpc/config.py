@@ -5,8 +5,8 @@ Owns:
 * the schema: every key of upstream's snapshotter configuration (cli-and-config.md §4, registry-and-auth.md
   §9) with its default, as field metadata on frozen dataclasses in upstream's struct order, plus a few keys
   of our own (marked "soci-py" in the docstrings): ``docker_config``, ``credential_helper_timeout_sec``,
-  ``[cri_keychain] persist`` / ``credential_ttl_sec`` and ``[kubeconfig_keychain] namespaces`` /
-  ``label_selector`` / ``first_sync_wait_sec``, the block cache's ``[directory_cache]
+  ``[cri_keychain] persist`` / ``persist_path`` / ``credential_ttl_sec`` and ``[kubeconfig_keychain]
+  namespaces`` / ``label_selector`` / ``first_sync_wait_sec``, the block cache's ``[directory_cache]
   max_memory_bytes`` / ``max_disk_bytes`` / ``verify_every_read``, and ``[fuse] long_timeouts``;
 * the two default rules. Keys marked ``fill`` are "filled after decoding": an explicit 0 or ``""`` means
   "use the default". All other keys are "pre-seeded": the default applies only when the key is absent, and
@@ -60,6 +60,7 @@ DEFAULT_CONFIG_PATH = "/etc/soci-snapshotter-grpc/config.toml"
 DEFAULT_ROOT = "/var/lib/soci-snapshotter-grpc/"
 DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_IMAGE_SERVICE_PATH = "/run/containerd/containerd.sock"
+DEFAULT_CRI_PERSIST_PATH = "/run/soci-snapshotter-grpc/cri-credentials.json"
 UNBOUNDED = -1
 
 _INT64_MIN = -(1 << 63)
@@ -161,6 +162,10 @@ def _check_size(value: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def _check_absolute_path(value: str) -> str | None:
+    return None if os.path.isabs(value) else f"{value!r} is not an absolute path"
 
 
 def _check_namespaces(value: tuple[str, ...]) -> str | None:
@@ -384,14 +389,17 @@ class CriKeychainSection:
     """``[cri_keychain]``: credentials recorded from CRI ``PullImage`` requests.
 
     Upstream keys: ``enable_keychain``, ``image_service_path`` (the backend CRI socket; "" → default).
-    soci-py keys: ``persist`` (keep recorded credentials across daemon restarts; designed, not built yet:
-    setting it logs a warning and credentials stay in memory), ``credential_ttl_sec`` (seconds after a pull
-    at which its credentials are reported as expired; 0 = unknown).
+    soci-py keys: ``persist`` (keep recorded credentials across daemon restarts in ``persist_path``, a
+    root-only 0600 file rewritten atomically on every change; see ``soci_grpc.keychain.cri``),
+    ``persist_path`` (an absolute path; "" → ``/run/soci-snapshotter-grpc/cri-credentials.json``, on /run
+    so a reboot forgets it), ``credential_ttl_sec`` (seconds after a pull at which its credentials are
+    reported as expired, and dropped from the persisted file at the next start; 0 = unknown).
     """
 
     enable_keychain: bool = _opt(False)
     image_service_path: str = _opt(DEFAULT_IMAGE_SERVICE_PATH, fill=True)
     persist: bool = _opt(False)
+    persist_path: str = _opt(DEFAULT_CRI_PERSIST_PATH, fill=True, check=_check_absolute_path)
     credential_ttl_sec: int = _opt(0, lo=0)
 
 
@@ -446,6 +454,7 @@ class KeychainSettings:
     kube_namespaces: tuple[str, ...]
     kube_label_selector: str
     kube_first_sync_wait: float
+    cri_persist_path: str = DEFAULT_CRI_PERSIST_PATH
 
 
 @dataclass(frozen=True)
@@ -551,6 +560,7 @@ class Config:
             kube_namespaces=kube.namespaces,
             kube_label_selector=kube.label_selector,
             kube_first_sync_wait=kube.first_sync_wait_sec,
+            cri_persist_path=cri.persist_path,
         )
 
 

@@ -7,9 +7,12 @@ leaving it to containerd (snapshotter.md §4-5), and everything that decision ne
   the image (credentials through the daemon's credential chain, asked on every token fetch), the SOCI index
   found as the snapshotter finds it (the explicit ``remote/soci.index.digest`` label, the v2 annotation, then
   v1 referrers when ``[pull_modes.soci_v1] enable``), its zTOCs, and the image config's ``diff_ids``.
-  Built once, single-flight. "No SOCI index" is remembered for the daemon's lifetime as upstream does;
-  unlike upstream, a transient failure (registry unreachable, credentials refused) is not remembered: the
-  next Prepare of that image tries again.
+  Built once, single-flight. "No SOCI index" is remembered for the daemon's lifetime as upstream does, and
+  so is a broken index (the index or a zTOC it lists is missing from the registry, does not parse, or does
+  not fit its layer: upstream reports those as "no index" too; here they are ``bad_index`` and logged at
+  WARNING naming the index, the zTOC and the layer). Unlike upstream, a transient failure (registry
+  unreachable, credentials refused: ``resolve_failed``) is not remembered: the next Prepare of that image
+  tries again.
 * **Lazy layers**: one FUSE session for the daemon (:class:`soci_fs.mount.ThreadedSession` at
   ``<root>/fuse``, mode 0700) serves each lazily loaded layer as ``<root>/fuse/<snapshot id>``, which is
   bind-mounted (read-only) onto the snapshot's ``snapshots/<id>/fs`` so that the snapshotter's overlay
@@ -19,10 +22,14 @@ leaving it to containerd (snapshotter.md §4-5), and everything that decision ne
   too small): the blob is downloaded into the content store, unpacked into ``snapshots/<id>/fs`` with
   overlay whiteout conversion (:mod:`soci_fs.unpack`), its uncompressed digest checked against the
   config's ``diff_ids``, and the blob dropped again.
-* **Fallbacks**: no SOCI index -> defer to containerd (Prepare returns ordinary mounts); a lazy mount that
-  fails -> local; a local unpack that fails -> defer. Each is logged at WARNING (INFO for "no index", the
-  normal case of an image that was never converted) with the reason, counted in the metrics and recorded
-  per image and layer for ``soci debug`` (:meth:`RemoteLayers.status`).
+* **Fallbacks**: no SOCI index, a broken one, an image that cannot be resolved now, or labels that are
+  not digests/references (``bad_labels``) -> defer to containerd (Prepare returns ordinary mounts); a lazy
+  mount that fails -> local; a local unpack that fails -> defer (its directory emptied first). Each is
+  logged at WARNING (INFO for "no index", the normal case of an image that was never converted) with the
+  reason, counted in the metrics and recorded per image and layer for ``soci debug``
+  (:meth:`RemoteLayers.status`). :meth:`RemoteLayers.provide_layer` never raises: an unexpected exception
+  is logged with its traceback and recorded as ``internal_error``, and the layer is deferred. A lazy layer
+  whose bytes do not match its zTOC's span digests is never served wrong: the read fails with EIO.
 * **Restart** (:meth:`RemoteLayers.restore`): snapshots labelled ``containerd.io/snapshot/remote`` are served
   again from the locally stored manifest, index and zTOCs, with no network (the gzip header check is left
   out; spans come from the block cache or are fetched on first read). One that cannot be restored is
@@ -64,12 +71,20 @@ from soci_fs.errors import (
     Unauthenticated,
     Unavailable,
 )
-from soci_fs.index import diff_compression
+from soci_fs.index import ANN_LAYER_DIGEST, MT_ZTOC, diff_compression
 from soci_fs.mount import MountOptions, ThreadedSession, is_mounted
 from soci_fs.registry import reference
 from soci_fs.registry.client import Descriptor, RegistryClient
 from soci_fs.registry.credentials import Credential
-from soci_fs.remote import HOW_EXPLICIT, ImagePlan, ImageSource, LayerPlan, OpenedLayer, open_layer
+from soci_fs.remote import (
+    HOW_EXPLICIT,
+    MAX_ZTOC_SIZE,
+    ImagePlan,
+    ImageSource,
+    LayerPlan,
+    OpenedLayer,
+    open_layer,
+)
 from soci_fs.spans import SpanConfig
 from soci_fs.store import ContentStore
 from soci_grpc.snapshotter import LayerRequest, LayerResult
@@ -88,12 +103,15 @@ REMOTE_VALUE = "remote snapshot"
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$|^sha512:[a-f0-9]{128}$")
 
 # reasons recorded per layer (and the metrics' fallback reasons)
-NO_INDEX = "no_index"
+NO_INDEX = "no_index"  # the image has no SOCI index (deferred; INFO: the normal case of an unconverted image)
+BAD_INDEX = "bad_index"  # the index, or a zTOC it lists, is missing or broken (deferred, remembered)
+RESOLVE_FAILED = "resolve_failed"  # the image context failed for now: registry down, credentials refused
 NO_ZTOC = "no_ztoc"
 BELOW_MIN_SIZE = "below_min_size"
 MOUNT_FAILED = "mount_failed"
 LOCAL_FAILED = "local_unpack_failed"
 BAD_LABELS = "bad_labels"
+INTERNAL_ERROR = "internal_error"  # a bug: logged with its traceback, the layer is left to containerd
 
 # ---------------------------------------------------------------------------------------------------------
 # bind mounts (mount(2) directly: one syscall, no fork, no dependency on util-linux's behaviour)
@@ -196,7 +214,8 @@ class _Image:
     client: RegistryClient
     source: ImageSource
     plan: ImagePlan | None = None
-    error: SociError | None = None  # "no index": remembered
+    error: SociError | None = None  # "no index" or a broken index: remembered
+    reason: str = ""  # NO_INDEX or BAD_INDEX with ``error``
     diff_ids: tuple[str, ...] = ()
     lock: threading.Lock = field(default_factory=threading.Lock)
     ready: bool = False
@@ -207,6 +226,29 @@ class _Image:
             if lp.descriptor.digest == digest:
                 return i, lp
         return None
+
+
+class _Source(ImageSource):
+    """:class:`ImageSource` that remembers whether discovery found an index, and names the layer of a zTOC
+    that the registry does not have (so a broken index is told apart from "no index")."""
+
+    found_index = ""
+
+    def find_index(
+        self, manifest: Any, *, explicit: str = "", v2: bool = True, v1: bool = True
+    ) -> tuple[str, str]:
+        found = super().find_index(manifest, explicit=explicit, v2=v2, v1=v1)
+        self.found_index = found[0]
+        return found
+
+    def blob(self, desc: Descriptor, *, max_size: int = MAX_ZTOC_SIZE) -> bytes:
+        try:
+            return super().blob(desc, max_size=max_size)
+        except NotFound as exc:
+            layer = (desc.annotations or {}).get(ANN_LAYER_DIGEST, "")
+            if desc.media_type != MT_ZTOC or not layer:
+                raise
+            raise NotFound(f"zTOC {desc.digest} of layer {layer}, listed in the SOCI index: {exc}") from exc
 
 
 @dataclass
@@ -317,32 +359,46 @@ class RemoteLayers:
                     client.on_response = self.metrics.registry_status
                     client.auth.on_token_fetch = self.metrics.token_refresh
                 by_digest = ref.with_object(tag=ref.tag, digest=manifest)
-                img = _Image(ref, manifest, client, ImageSource(client, by_digest, self.content))
+                img = _Image(ref, manifest, client, _Source(client, by_digest, self.content))
                 self._images[manifest] = img
                 self._records[manifest] = ImageRecord(str(ref), manifest)
         with img.lock:
             if img.ready:
                 return img
             rec = self._records[manifest]
+            source = img.source
+            if isinstance(source, _Source):
+                source.found_index = ""
             try:
-                img.plan = img.source.plan(
+                img.plan = source.plan(
                     index_digest=explicit_index,
                     v2=self.cfg.pull_modes.soci_v2.enable,
                     v1=self.cfg.pull_modes.soci_v1.enable,
                 )
-            except NotFound as exc:  # no SOCI index (or not found where it says): remembered
-                img.error = exc
-                img.ready = True
-                rec.state, rec.detail = NO_INDEX, str(exc)
+            except (NotFound, FormatError) as exc:
+                # Remembered for the daemon's lifetime, as upstream does (upstream reports both as "no
+                # index"): an image without an index, and one whose index or a zTOC of it is missing (404)
+                # or broken, will not heal by asking again.
+                found = getattr(source, "found_index", "")
+                broken = isinstance(exc, FormatError) or bool(found)
+                img.error, img.ready = exc, True
+                img.reason = BAD_INDEX if broken else NO_INDEX
+                rec.state, rec.detail = ("bad_index" if broken else NO_INDEX), str(exc)
+                rec.index_digest = found
+                if broken:
+                    log.warning(
+                        "image %s: %s; its layers are left to containerd",
+                        img.ref,
+                        f"SOCI index {found} cannot be used: {exc}" if found else str(exc),
+                    )
                 return img
-            except FormatError as exc:  # a broken index or zTOC: remembered too, it will not heal
-                img.error = exc
-                img.ready = True
-                rec.state, rec.detail = "error", str(exc)
-                return img
-            except SociError as exc:
+            except SociError as exc:  # transient: the next Prepare of this image tries again
                 rec.state, rec.detail = "error", str(exc)
                 raise
+            except Exception as exc:  # a bug; still never a crash, and tried again next time
+                log.warning("image %s: resolving failed unexpectedly", img.ref, exc_info=True)
+                rec.state, rec.detail = "error", f"unexpected error: {exc!r}"
+                raise SociError(f"unexpected error while resolving: {exc!r}") from exc
             config_desc = Descriptor.from_json(img.plan.manifest.json().get("config") or {})
             try:
                 doc = _json(
@@ -353,7 +409,7 @@ class RemoteLayers:
                 log.warning(
                     "image %s: cannot read its config (%s); local layers will not be verified", img.ref, exc
                 )
-            rec.state = "indexed"
+            rec.state, rec.detail = "indexed", ""
             rec.index_digest, rec.index_how = img.plan.index_digest, img.plan.how
             img.ready = True
             return img
@@ -361,7 +417,40 @@ class RemoteLayers:
     # ---- the provider
 
     def provide_layer(self, request: LayerRequest) -> LayerResult | None:
-        """Serve the layer of a layer-unpack Prepare lazily or locally; ``None`` defers it to containerd."""
+        """Serve the layer of a layer-unpack Prepare lazily or locally; ``None`` defers it to containerd.
+
+        Never raises: whatever the labels, the registry or the index hold, the answer is a served layer or
+        a deferral whose reason is logged and recorded for :meth:`status` (an unexpected exception too, as
+        ``internal_error`` with its traceback in the log).
+        """
+        try:
+            return self._provide(request)
+        except Exception as exc:
+            log.warning(
+                "layer %s: unexpected error (%r); leaving it to containerd",
+                request.labels.get(LABEL_LAYER, "") or request.key,
+                exc,
+                exc_info=True,
+                extra={"key": request.key},
+            )
+            with self._lock:
+                served = request.snapshot_id in self._served
+                img = self._images.get(request.labels.get(LABEL_MANIFEST, ""))
+            with contextlib.suppress(Exception):
+                if served:
+                    self.release_layer(request.snapshot_id)
+                _empty_dir(request.mountpoint)
+                self._fallback(
+                    request,
+                    img,
+                    INTERNAL_ERROR,
+                    "deferred",
+                    f"unexpected error: {exc!r}",
+                    level=logging.DEBUG,
+                )
+            return None
+
+    def _provide(self, request: LayerRequest) -> LayerResult | None:
         labels = request.labels
         image_ref = labels.get(LABEL_IMAGE_REF, "")
         manifest = labels.get(LABEL_MANIFEST, "")
@@ -393,13 +482,18 @@ class RemoteLayers:
             with self._lock:
                 failed = self._images.get(manifest)
             self._fallback(
-                request, failed, MOUNT_FAILED, "deferred", f"image {ref}: {exc}", level=logging.WARNING
+                request,
+                failed,
+                RESOLVE_FAILED,
+                "deferred",
+                f"image {ref}: {exc} (tried again at the next pull of this image)",
+                level=logging.WARNING,
             )
             return None
         if img.error is not None:
-            level = logging.INFO if isinstance(img.error, NotFound) else logging.WARNING
-            reason = NO_INDEX if isinstance(img.error, NotFound) else MOUNT_FAILED
-            self._fallback(request, img, reason, "deferred", str(img.error), level=level)
+            # "no index" is the normal case of an unconverted image; a broken index was logged once
+            level = logging.INFO if img.reason == NO_INDEX else logging.DEBUG
+            self._fallback(request, img, img.reason or NO_INDEX, "deferred", str(img.error), level=level)
             return None
         found = img.layer(digest)
         if found is None:
@@ -428,9 +522,16 @@ class RemoteLayers:
             return self._local(request, img, idx, lp, NO_ZTOC, "the SOCI index has no zTOC for this layer")
         try:
             self._mount_lazy(request.snapshot_id, request.mountpoint, img, lp, check_header=True)
-        except (SociError, OSError, RuntimeError, trio.TooSlowError) as exc:
-            detail = f"lazy mount failed: {_why(exc)}"
-            log.warning("layer %s: %s; unpacking it locally", digest, detail, extra={"key": request.key})
+        except Exception as exc:
+            expected = isinstance(exc, SociError | OSError | RuntimeError | trio.TooSlowError)
+            detail = f"lazy mount failed: {_why(exc) if expected else repr(exc)}"
+            log.warning(
+                "layer %s: %s; unpacking it locally",
+                digest,
+                detail,
+                exc_info=not expected,
+                extra={"key": request.key},
+            )
             self._count_fallback(MOUNT_FAILED)
             if self.metrics is not None:
                 _call(self.metrics, "mount_failure", "lazy", digest)
@@ -481,7 +582,10 @@ class RemoteLayers:
                     metrics=self.metrics.hook(lp.descriptor.digest) if self.metrics is not None else None,
                 )
             try:
-                path = await session.session.add_layer(sid, layer.ztoc, layer.data, **layer.serve_options())
+                # the tree is built from the zTOC, which is then released (memory: see bench_daemon_memory)
+                ztoc = layer.take_ztoc()
+                path = await session.session.add_layer(sid, ztoc, layer.data, **layer.serve_options())
+                del ztoc
             except BaseException:
                 layer.close()
                 raise
@@ -497,6 +601,9 @@ class RemoteLayers:
             raise
         with self._lock:
             self._served[sid] = _Served(sid, mountpoint, img, layer, sid)
+        with img.lock:  # the image context keeps the zTOC descriptor only (reloaded locally if needed again)
+            if img.plan is not None:
+                img.plan = img.plan.without_ztoc(lp.descriptor.digest)
 
     def _drop_from_session(self, sid: str, layer: OpenedLayer) -> None:
         session, fetcher = self._session, self._fetcher
@@ -545,13 +652,15 @@ class RemoteLayers:
             finally:
                 with contextlib.suppress(OSError, SociError):
                     img.source.content.delete(desc.digest)
-        except (SociError, OSError) as exc:
+        except Exception as exc:  # whatever it was, containerd must get an empty directory back
             _empty_dir(request.mountpoint)
-            why = f"{detail}; local unpack failed: {_why(exc)}"
+            expected = isinstance(exc, SociError | OSError)
+            why = f"{detail}; local unpack failed: {_why(exc) if expected else repr(exc)}"
             log.warning(
                 "failed to prepare local snapshot of layer %s (%s); deferring to container runtime",
                 desc.digest,
                 why,
+                exc_info=not expected,
                 extra={"key": request.key},
             )
             self._count_fallback(LOCAL_FAILED)

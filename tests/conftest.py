@@ -4,12 +4,17 @@
 * ``SOCI_PUREPYTHON=1`` runs the whole suite against the pure-Python twins.
 * ``SOCI_REQUIRE_ALL=1`` (set by ``make test``, so in CI) turns every skip into a failure: tests that need
   root, ``/dev/fuse``, overlayfs or a service must run there, not skip.
+* gRPC's fork handlers are off (``GRPC_ENABLE_FORK_SUPPORT=false``, before grpc is imported): tests start
+  processes with ``preexec_fn`` (a real fork) right after using gRPC channels, and the handlers can deadlock
+  in the child.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import Iterator
 
 import pytest

@@ -6,8 +6,9 @@ into the sources and the chain, and the start-up policy for the one source that 
 * the Docker config keychain is always built (``docker_config``: the file, "" for Docker's own lookup;
   ``credential_helper_timeout_sec``: how long a ``docker-credential-*`` helper may take);
 * the CRI store is built when ``[cri_keychain] enable_keychain`` is set (``credential_ttl_sec`` becomes its
-  TTL). ``persist`` is accepted but persistence is not built yet: it is logged (WARNING) and the store keeps
-  credentials in memory only;
+  TTL); with ``persist`` its entries are kept in ``persist_path`` (a
+  :class:`~soci_grpc.keychain.cri.CredentialFile`) and loaded from there now, so credentials recorded before
+  a daemon restart still work;
 * the Kubernetes-secret keychain is built when ``[kubeconfig_keychain] enable_keychain`` is set, started in
   its background thread, and waited for at most ``first_sync_wait_sec`` seconds. If the first list is not
   complete by then, start-up goes on (WARNING): lookups answer from what has been synced so far and the
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from soci_grpc.config import Config, KeychainSettings
 from soci_grpc.keychain.chain import CredentialChain
-from soci_grpc.keychain.cri import CriCredentialStore
+from soci_grpc.keychain.cri import CredentialFile, CriCredentialStore
 from soci_grpc.keychain.docker_config import DockerConfigKeychain
 from soci_grpc.keychain.helpers import HelperRunner
 from soci_grpc.keychain.kubeconfig import KubeSecretKeychain
@@ -72,13 +73,13 @@ def build_chain(config: Config | KeychainSettings, **kube_options: float) -> Bui
 
     cri: CriCredentialStore | None = None
     if s.cri_enabled:
-        if s.cri_persist:
-            log.warning(
-                "cri_keychain.persist is set, but persistence is not built yet; "
-                "credentials recorded from CRI pulls are kept in memory only"
-            )
-        cri = CriCredentialStore(ttl=s.cri_ttl)
-        log.info("credential source cri: enabled (backend image service %s)", s.cri_image_service_path)
+        persister = CredentialFile(s.cri_persist_path) if s.cri_persist else None
+        cri = CriCredentialStore(ttl=s.cri_ttl, persist=persister)
+        log.info(
+            "credential source cri: enabled (backend image service %s; %s)",
+            s.cri_image_service_path,
+            f"persisted in {s.cri_persist_path}" if persister is not None else "in memory only",
+        )
 
     kube: KubeSecretKeychain | None = None
     if s.kube_enabled:

@@ -234,3 +234,23 @@ def test_tar_layer_exact_multiple():
     assert spans.max_span_id == 1
     assert spans.span_range(51_200, 51_200) == (1, 1)  # clamped: there is no span 2
     assert spans.read(0, len(data)) == data
+
+
+def test_a_checkpoint_in_the_tar_padding_is_an_empty_span() -> None:
+    """tarfile pads to 10240-byte records; ``uncompressed_archive_size`` ends at the end-of-archive marker,
+    so the last checkpoint can lie beyond it. That span is empty: every span still reads, and the archive
+    reads back whole."""
+    from soci_fs.builder import build_ztoc
+    from tests.fs.ocigen import gz, make_tar
+    from tests.integration.sociimg import data_entries
+
+    tar = make_tar(data_entries("b", 40, 16384, seed=1005))
+    blob = gz(tar)
+    z = build_ztoc(io.BytesIO(blob).read, span_size=65536, compression="gzip")
+    assert z.uncompressed_archive_size < len(tar)
+    spans = LayerSpans.from_ztoc(z, lambda a, b: blob[a:b])
+    last = spans.max_span_id
+    us, ue = spans.uncompressed_range(last)
+    assert us > z.uncompressed_archive_size and ue == us
+    assert [len(spans.read_span(i)) for i in range(last + 1)][-1] == 0
+    assert spans.read(0, z.uncompressed_archive_size) == tar[: z.uncompressed_archive_size]

@@ -116,6 +116,7 @@ DEFAULTS = {
     "cri_keychain.enable_keychain": False,
     "cri_keychain.image_service_path": "/run/containerd/containerd.sock",
     "cri_keychain.persist": False,
+    "cri_keychain.persist_path": "/run/soci-snapshotter-grpc/cri-credentials.json",
     "cri_keychain.credential_ttl_sec": 0,
     "resolver.host": {},
     "resolver.auth_client_ttl_sec": 3600,
@@ -250,6 +251,7 @@ credential_helper_timeout_sec = 5.0
   enable_keychain = false
   image_service_path = '/run/containerd/containerd.sock'
   persist = false
+  persist_path = '/run/soci-snapshotter-grpc/cri-credentials.json'
   credential_ttl_sec = 0
 
 [resolver]
@@ -694,6 +696,7 @@ first_sync_wait_sec = 0
 enable_keychain = true
 image_service_path = "/run/cri.sock"
 persist = true
+persist_path = "/run/soci/cri.json"
 credential_ttl_sec = 600
 [resolver]
 auth_client_ttl_sec = -1
@@ -819,6 +822,7 @@ def test_keychain_settings() -> None:
         kube_namespaces=("a", "b"),
         kube_label_selector="soci=yes,env in (prod)",
         kube_first_sync_wait=0.0,
+        cri_persist_path="/run/soci/cri.json",
     )
     d = c.Config().keychain_settings()
     assert (d.cri_enabled, d.kube_enabled, d.cri_ttl, d.helper_timeout) == (False, False, None, 5.0)
@@ -930,11 +934,13 @@ def test_build_chain_with_the_cri_store(tmp_path: Path) -> None:
         assert built.chain.last_answer("reg.example").source == "cri"  # type: ignore[union-attr]
 
 
-@pytest.mark.expect_log
-def test_build_chain_cri_persist_is_not_built_yet(caplog: pytest.LogCaptureFixture) -> None:
-    with build_chain(c.parse("[cri_keychain]\nenable_keychain = true\npersist = true\n")) as built:
+def test_build_chain_cri_persist(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # the file itself is tested in tests/grpc/keychain/test_cri_persist.py
+    path = tmp_path / "cri.json"
+    text = f"[cri_keychain]\nenable_keychain = true\npersist = true\npersist_path = '{path}'\n"
+    with build_chain(c.parse(text)) as built:
         assert built.cri is not None
-    assert any("persistence is not built yet" in r.getMessage() for r in caplog.records)
+    assert any(f"persisted in {path}" in r.getMessage() for r in caplog.records)
 
 
 def test_build_chain_with_kubernetes_secrets(tmp_path: Path, kube_api: KubeAPIServer) -> None:
@@ -1030,6 +1036,7 @@ _TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
 _SPECIAL = {
     "concurrent_download_chunk_size": st.sampled_from(["", "1", "16mb", "1.5 KB", "2gb"]),
     "namespaces": st.lists(st.sampled_from(["a", "kube-system", "ns.x"]), max_size=3).map(tuple),
+    "persist_path": st.sampled_from(["/run/soci/cri.json", "/tmp/a b/'q'.json"]),
     "host": st.sampled_from(["mirror.example", "https://m.example:5000/v2", "127.0.0.1:5000", "[::1]:80"]),
 }
 

@@ -382,7 +382,7 @@ def test_wrong_docker_config_credentials_win_and_do_not_fall_through(
     st = rig.image(img.manifest)
     assert st["state"] == "error" and "401" in st["detail"], st
     assert [(x["digest"], x["mode"], x["reason"]) for x in st["layers"]] == [
-        (d, "deferred", "mount_failed") for d in img.layers
+        (d, "deferred", "resolve_failed") for d in img.layers
     ], st
     for layer in st["layers"]:
         assert "unauthorized" in layer["detail"] and host in layer["detail"], layer
