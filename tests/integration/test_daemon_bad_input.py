@@ -153,13 +153,7 @@ def file_of(entries: list[Entry], name: str) -> bytes:
 
 
 def run_in(rig: Rig, ref: str, name: str, script: str) -> subprocess.CompletedProcess[str]:
-    return rig.containerd.ctr(
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "soci",
+    return rig.run(
         ref,
         name,
         "/bin/sh",

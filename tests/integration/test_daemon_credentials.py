@@ -170,9 +170,7 @@ def file_digest(i: int) -> str:
 
 def ctr_run(rig: CredRig, ref: str, cid: str, script: str) -> subprocess.CompletedProcess[str]:
     """``ctr -n k8s.io run --rm --snapshotter soci REF cid /bin/sh -c script`` (CRI pulls are in k8s.io)."""
-    return rig.containerd.ctr(
-        "-n", "k8s.io", "run", "--rm", "--snapshotter", "soci", ref, cid, "/bin/sh", "-c", script, check=False
-    )
+    return rig.run(ref, cid, "/bin/sh", "-c", script, check=False)
 
 
 def assert_lazy(rig: CredRig, img: Pushed) -> dict[str, Any]:

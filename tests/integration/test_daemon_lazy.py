@@ -87,6 +87,12 @@ class Rig:
     daemon: Daemon
     containerd: Containerd
 
+    def run(self, ref: str, name: str, *cmd: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """``ctr run --rm --snapshotter soci`` in containerd's ``k8s.io`` namespace (where CRI pulls)."""
+        return self.containerd.ctr(
+            "-n", "k8s.io", "run", "--rm", "--snapshotter", "soci", ref, name, *cmd, **kw
+        )
+
     def status(self) -> dict[str, Any]:
         return debug.call(self.daemon.socket, "Status")
 
@@ -181,13 +187,7 @@ def test_cri_pull_is_lazy_and_the_container_runs(rig_factory: Callable[..., Rig]
 
     data = next(e for e in data_entries("data", 200, 16384) if e.name == "data/f0100.bin").data
     want = hashlib.sha256(data).hexdigest()
-    run = rig.containerd.ctr(
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "soci",
+    run = rig.run(
         img.ref,
         "lazy1",
         "/bin/sh",
@@ -245,13 +245,7 @@ def test_image_without_index_is_left_to_containerd(rig_factory: Callable[..., Ri
     st = rig.image(img.manifest)
     assert st["state"] == "no_index" and "no SOCI index" in st["detail"]
     assert [(x["mode"], x["reason"]) for x in st["layers"]] == [("deferred", "no_index")]
-    run = rig.containerd.ctr(
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "soci",
+    run = rig.run(
         img.ref,
         "plain1",
         "/bin/cat",
@@ -269,13 +263,7 @@ def test_docker_config_credentials_alone(rig_factory: Callable[..., Rig], tmp_pa
     plain_cri_pull(rig, img.ref)
     st = rig.image(img.manifest)
     assert {x["mode"] for x in st["layers"]} == {"lazy"}, st
-    run = rig.containerd.ctr(
-        "-n",
-        "k8s.io",
-        "run",
-        "--rm",
-        "--snapshotter",
-        "soci",
+    run = rig.run(
         img.ref,
         "dc1",
         "/bin/cat",

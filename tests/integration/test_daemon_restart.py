@@ -106,13 +106,7 @@ def test_kill9_while_a_container_runs_then_restart(rig_factory: Callable[..., Ri
         # and a new container from the same image (containerd reconnects to the restarted daemon within
         # its dial backoff; under systemd the socket unit keeps the socket, so there is no refused window)
         def started_again() -> bool:
-            run = ctr.ctr(
-                "-n",
-                "k8s.io",
-                "run",
-                "--rm",
-                "--snapshotter",
-                "soci",
+            run = rig.run(
                 img.ref,
                 "again1",
                 "/bin/sha256sum",
