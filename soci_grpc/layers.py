@@ -753,8 +753,26 @@ class RemoteLayers:
             detach(served.mountpoint)
         if served.opened is not None:
             self._drop_from_session(snapshot_id, served.opened)
+        self._forget_if_unused(served.image)
         self._update_gauges()
         log.info("released layer of snapshot %s", snapshot_id)
+
+    def _forget_if_unused(self, img: _Image) -> None:
+        """Drop the context (and its registry connections) of an indexed image none of whose layers is served
+        any more; its record goes too when it lists no layer. A later Prepare builds it again from the local
+        copies of the manifest, index and zTOCs. "No index" answers stay remembered (they are small)."""
+        with self._lock:
+            if img.error is not None or any(s.image is img for s in self._served.values()):
+                return
+            if self._images.get(img.manifest) is img:
+                del self._images[img.manifest]
+                rec = self._records.get(img.manifest)
+                if rec is not None and not rec.layers:
+                    del self._records[img.manifest]
+            else:
+                return
+        img.client.close()
+        log.debug("forgot image %s (%s): no layer of it is served", img.ref, img.manifest)
 
     def restore(self, snapshots: Iterable[tuple[str, Path, Mapping[str, str]]]) -> int:
         """Serve again the remote snapshots of a previous run: ``(snapshot id, fs dir, labels)`` each.

@@ -604,3 +604,27 @@ def test_checkpoint_in_the_tar_padding(
     assert (req.mountpoint / "b" / "f0039.bin").read_bytes() == want  # right either way (local fallback)
     st = layer_status(rl, req.snapshot_id)
     assert (st["mode"], st["reason"]) == ("lazy", ""), st["detail"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# release
+
+
+def test_releasing_every_lazy_layer_forgets_the_image_and_a_new_prepare_serves_it_again(
+    provider: Callable[..., RemoteLayers], registry: Registry, tmp_path: Path
+) -> None:
+    img = data_image(registry, tmp_path, name="release")
+    rl = provider()
+    reqs = [request(rl, labels(img, i)) for i in range(2)]
+    for req in reqs:
+        assert rl.provide_layer(req) is not None
+    assert [x["mode"] for x in rl.status()["images"][0]["layers"]] == ["lazy", "lazy"]
+    rl.release_layer(reqs[0].snapshot_id)
+    assert img.manifest in rl._images  # one layer of it is still served
+    rl.release_layer(reqs[1].snapshot_id)
+    assert img.manifest not in rl._images and rl.status()["images"] == []
+    assert mounts_under(rl.root / "snapshotter") == []
+    again = request(rl, labels(img, 1))
+    assert rl.provide_layer(again) is not None  # rebuilt from the locally stored manifest, index, zTOCs
+    want = file_bytes(img, 1, "b/f0003.bin")
+    assert (again.mountpoint / "b" / "f0003.bin").read_bytes() == want
