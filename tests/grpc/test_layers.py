@@ -628,3 +628,46 @@ def test_releasing_every_lazy_layer_forgets_the_image_and_a_new_prepare_serves_i
     assert rl.provide_layer(again) is not None  # rebuilt from the locally stored manifest, index, zTOCs
     want = file_bytes(img, 1, "b/f0003.bin")
     assert (again.mountpoint / "b" / "f0003.bin").read_bytes() == want
+
+
+# --------------------------------------------------------------------------------------------------------
+# restore after a restart
+
+
+@pytest.mark.expect_log
+def test_restore_that_cannot_work_stops_the_start_unless_invalid_mounts_are_allowed(
+    provider: Callable[..., RemoteLayers], registry: Registry, tmp_path: Path
+) -> None:
+    from soci_fs.errors import FailedPrecondition
+
+    img = data_image(registry, tmp_path, name="restore")
+    gone = "sha256:" + "e" * 64  # an index digest the registry does not have: not a transient failure
+    rl = provider()
+    fs = rl.root / "snapshotter" / "snapshots" / "41" / "fs"
+    fs.mkdir(parents=True)
+    snap = ("41", fs, labels(img, 0, **{LABEL_INDEX_DIGEST: gone}))
+    with pytest.raises(FailedPrecondition, match="allow_invalid_mounts_on_restart"):
+        rl.restore([snap])
+    rl.close()  # one FUSE session per process
+
+    tolerant = provider("[snapshotter]\nallow_invalid_mounts_on_restart = true\n")
+    fs2 = tolerant.root / "snapshotter" / "snapshots" / "41" / "fs"
+    fs2.mkdir(parents=True)
+    assert tolerant.restore([("41", fs2, snap[2])]) == 0  # the daemon starts; the snapshot stays broken
+    st = layer_status(tolerant, "41")
+    assert st["mode"] == "degraded" and st["digest"] == img.layers[0]
+    tolerant.close()
+
+    # and one that can: served again from the local copies, with no network at all
+    ok_rl = provider()
+    first = request(ok_rl, labels(img, 1))
+    assert ok_rl.provide_layer(first) is not None
+    committed = dict(first.labels)
+    committed[LABEL_INDEX_DIGEST] = img.index_digest
+    ok_rl.release_layer(first.snapshot_id)
+    registry.stop()
+    try:
+        assert ok_rl.restore([(first.snapshot_id, first.mountpoint, committed)]) == 1
+        assert layer_status(ok_rl, first.snapshot_id)["detail"] == "restored"
+    finally:
+        registry.start()
