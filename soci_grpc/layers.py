@@ -300,10 +300,12 @@ class RemoteLayers:
     def start(self, mount_options: MountOptions | None = None) -> None:
         """Detach stale mounts of a previous run under ``<root>/fuse``, mount the FUSE session, start the
         background fetcher."""
-        self.fuse_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # first, and without touching the path: a FUSE mount whose daemon was killed answers every stat
+        # with ENOTCONN until it is detached
         stale = unmount_all_under(self.fuse_dir)
         if stale:
             log.info("detached %d stale FUSE mount(s) under %s", stale, self.fuse_dir)
+        self.fuse_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.content.init()
         self._cache = BlockCache(self.root, CacheConfig.from_section(self.cfg.directory_cache))
         session = ThreadedSession(self.fuse_dir, mount_options or MountOptions()).start()

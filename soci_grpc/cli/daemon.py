@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except BrokenPipeError:
         return EXIT_FAILURE
+    except OSError as exc:  # e.g. the root or socket directory cannot be created: say what, no traceback
+        log.debug("failed", exc_info=True)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
