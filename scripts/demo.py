@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -185,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         print("the demo needs root (containerd, runc, FUSE, overlay mounts)", file=sys.stderr)
         return 1
     sigterm_as_interrupt()
+    # Ctrl-C cleans up even when started from a shell that ignores SIGINT for background jobs (Python
+    # keeps an inherited SIG_IGN and would then never raise KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="soci-demo-"))
     t0 = time.monotonic()
     try:
         doc, status = run_demo(work, args.small)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     except SociError as exc:

@@ -24,6 +24,7 @@ import pytest
 
 from soci_grpc import debug
 from soci_grpc._proto.cri import api_pb2
+from soci_grpc.layers import unmount_all_under
 from tests.fs.ocigen import Entry
 from tests.grpc.clihelp import SOCI_EXE
 from tests.harness.containerd import CONTAINERD_BIN, Containerd
@@ -131,6 +132,8 @@ def rig_factory(
     finally:
         for d in daemons:
             d.close()
+            # a daemon that was killed (or failed to start again) leaves its dead FUSE and bind mounts
+            unmount_all_under(d.root)
 
 
 def lazy_image(registry_host: str, registry: Registry, work: Path, **kw: Any) -> Pushed:
