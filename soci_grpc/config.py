@@ -439,6 +439,24 @@ class SnapshotterSection:
     allow_invalid_mounts_on_restart: bool = _opt(False)
 
 
+def _self_insecure_hosts(resolver: ResolverSection) -> frozenset[str]:
+    """Registries named as their own ``insecure`` mirror: they are reached over plain http for everything
+    (manifests, SOCI indexes, zTOCs too), the way an operator declares a plain-http registry that is not on
+    loopback::
+
+        [[resolver.host."10.0.0.5:5000".mirrors]]
+        host = "10.0.0.5:5000"
+        insecure = true
+    """
+    out = set()
+    for host, hc in resolver.host.items():
+        for m in hc.mirrors:
+            name = m.host.strip().split("://", 1)[-1].split("/", 1)[0]
+            if m.insecure and name == host:
+                out.add(host)
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class KeychainSettings:
     """What ``keychain.factory.build_chain`` needs, in the keychain modules' units."""
@@ -531,6 +549,7 @@ class Config:
                 max_span_verification_retries=b.max_span_verification_retries,
             ),
             resolver=reference.ResolverConfig(
+                plain_http_hosts=_self_insecure_hosts(r),
                 auth_client_ttl_sec=r.auth_client_ttl_sec,
                 enable_auth_client_sharing=r.enable_auth_client_sharing,
                 mirrors=MappingProxyType(
@@ -865,7 +884,9 @@ def _finish(cfg: Config) -> Config:
     )
     store = cfg.content_store
     if store.containerd_address.startswith("unix://"):
-        store = dataclasses.replace(store, containerd_address=store.containerd_address[len("unix://") :])
+        # a bare "unix://" names no socket: the default, as an empty value does
+        path = store.containerd_address[len("unix://") :] or DEFAULT_CONTAINERD_ADDRESS
+        store = dataclasses.replace(store, containerd_address=path)
     prefetch = cfg.prefetch
     if prefetch.max_concurrency < 0:
         prefetch = dataclasses.replace(prefetch, max_concurrency=0)

@@ -800,6 +800,7 @@ def test_registry_config() -> None:
         ("http", "plain.example"),
         ("https", "registry-1.docker.io"),
     ]
+    assert rc.resolver.plain_http_hosts == frozenset()  # an insecure mirror does not downgrade docker.io
     default = c.Config().registry_config()
     assert default.http == reference.HttpConfig() and default.resolver == reference.ResolverConfig()
     assert default.blob.retry(default.http) == reference.BlobConfig().retry(reference.HttpConfig())
@@ -1084,3 +1085,32 @@ def test_dump_parse_round_trip_property(cfg: c.Config) -> None:
     assert (
         first.http == cfg.http and first.resolver == cfg.resolver and first.docker_config == cfg.docker_config
     )
+
+
+def test_a_registry_named_as_its_own_insecure_mirror_is_plain_http() -> None:
+    text = """
+[[resolver.host."10.0.0.5:5000".mirrors]]
+host = "10.0.0.5:5000"
+insecure = true
+[[resolver.host."reg.internal".mirrors]]
+host = "http://reg.internal/"
+insecure = true
+[[resolver.host."secure.example".mirrors]]
+host = "secure.example"
+"""
+    rc = c.parse(text).registry_config()
+    assert rc.resolver.plain_http_hosts == frozenset({"10.0.0.5:5000", "reg.internal"})
+    for ref, scheme in (
+        ("10.0.0.5:5000/app:1", "http"),
+        ("reg.internal/app:1", "http"),
+        ("secure.example/app:1", "https"),
+    ):
+        hosts = reference.resolve_hosts(reference.parse(ref), rc, blobs=False)
+        assert [h.scheme for h in hosts] == [scheme], ref
+
+
+def test_bare_unix_scheme_is_the_default_containerd_address() -> None:
+    """Found by the round-trip property: ``unix://`` alone must parse the same after a dump."""
+    first = c.parse('[content_store]\ncontainerd_address = "unix://"\n')
+    assert first.content_store.containerd_address == "/run/containerd/containerd.sock"
+    assert c.parse(c.dump(first)) == first
